@@ -1,0 +1,38 @@
+# aov-dist: every target sets itself up; `make demo` and `make test` are all a new user needs.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+# pip on some machines warns about absent local index folders: keep the install output readable.
+QUIET_PIP := 2>&1 | { grep -v 'is ignored: it is neither a file nor a directory' || true; }
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+export DS_ACCELERATOR ?= cpu
+export DS_BUILD_OPS ?= 0
+export RAY_USAGE_STATS_ENABLED ?= 0
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-fast demo shards train eval export launch launch-eval k8s mlflow-ui bench clean
+
+setup: $(STAMP)
+
+# torch first (the CPU build on local disk), then everything else with it pinned as a constraint:
+# without the pin deepspeed/accelerate would pull a multi-GB CUDA torch.
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade "pip>=24" wheel setuptools ninja $(QUIET_PIP)
+	$(PIP) install -q -c constraints.txt torch==2.13.0 $(QUIET_PIP)
+	# deepspeed imports torch in its setup.py: build it against the torch already installed.
+	$(PIP) install -q -c constraints.txt --no-build-isolation deepspeed==0.19.8 $(QUIET_PIP)
+	$(PIP) install -q -c constraints.txt -e ".[dev]" $(QUIET_PIP)
+	@touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf mlruns mlflow.db ray_results outputs data_shards/synthetic data_shards/*.tar data_shards/manifest.json .pytest_cache

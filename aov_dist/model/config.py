@@ -1,0 +1,24 @@
+"""Model section of the config schema (conf/model/*.yaml)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+@dataclass
+class ModelConfig:
+    # tiny | aov_0.5b | aov_7b: the architecture preset (see aov_dist/model/presets.py).
+    preset: str = "tiny"
+    # HF-format LLaVA-OneVision / Anomaly-OV directory (local path or s3://); None = random init.
+    pretrained_path: Optional[str] = None
+    # Released expert weights (pretrained_expert_*.pth) or our own export; None = keep what the model has.
+    expert_path: Optional[str] = None
+    # auto picks flash_attention_2 when flash-attn and CUDA are present, sdpa otherwise.
+    attn_implementation: str = "auto"
+    # auto: bf16 on GPU, fp32 on CPU.
+    dtype: str = "auto"
+    activation_checkpointing: bool = False
+    # Score thresholds that pick the adverb "slightly" / "moderately" / "highly".
+    adverb_thresholds: list[float] = field(default_factory=lambda: [0.3, 0.7])
+    # Preset overrides (dimension names of aov_dist/model/presets.py), e.g. {"text_layers": 4}.
+    overrides: dict[str, Any] = field(default_factory=dict)
