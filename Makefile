@@ -34,5 +34,16 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
+# Synthetic Anomaly-Instruct-format data + VisA-D&R-format benchmark -> WebDataset shards (reused when present).
+SYNTH_DIR := data_shards/synthetic
+SYNTH_ARGS ?= --seed 0 --num-train 1200 --num-bench 240 --image-size 112
+shards: setup $(SYNTH_DIR)/shards/manifest.json
+
+$(SYNTH_DIR)/shards/manifest.json:
+	$(PY) -m aov_dist.data.cli synth --out $(SYNTH_DIR) $(SYNTH_ARGS)
+	$(PY) -m aov_dist.data.cli shard --input $(SYNTH_DIR)/train/synthetic_instruct.json \
+	  --image-root $(SYNTH_DIR)/train/images --out $(SYNTH_DIR)/shards --shard-size-mb 16 --on-error fail --overwrite
+	$(PY) -m aov_dist.data.cli inspect $(SYNTH_DIR)/shards
+
 clean:
 	rm -rf mlruns mlflow.db ray_results outputs data_shards/synthetic data_shards/*.tar data_shards/manifest.json .pytest_cache
