@@ -42,7 +42,7 @@ shards: setup $(SYNTH_DIR)/shards/manifest.json
 $(SYNTH_DIR)/shards/manifest.json:
 	$(PY) -m aov_dist.data.cli synth --out $(SYNTH_DIR) $(SYNTH_ARGS)
 	$(PY) -m aov_dist.data.cli shard --input $(SYNTH_DIR)/train/synthetic_instruct.json \
-	  --image-root $(SYNTH_DIR)/train/images --out $(SYNTH_DIR)/shards --shard-size-mb 16 --on-error fail --overwrite
+	  --image-root $(SYNTH_DIR)/train/images --out $(SYNTH_DIR)/shards --shard-size-mb 2 --on-error fail --overwrite
 	$(PY) -m aov_dist.data.cli inspect $(SYNTH_DIR)/shards
 
 clean:

@@ -1,8 +1,14 @@
-"""Data section of the config schema (conf/data/*.yaml)."""
+"""Data section of the config schema (conf/data/*.yaml).
+
+The streaming reader (``aov_dist.data.stream``) is driven entirely by these fields; see that
+module's docstring for what each one does to the order of samples.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Optional
+
+ON_ERROR_CHOICES = ("skip", "fail")
 
 
 @dataclass
@@ -17,12 +23,49 @@ class DatasetSpec:
 @dataclass
 class DataConfig:
     datasets: list[DatasetSpec] = field(default_factory=lambda: [DatasetSpec()])
+    # samples per batch on one rank (the loader batches inside its workers)
     micro_batch_size: int = 2
+    # DataLoader worker processes per rank; each one reads its own slice of the shards
+    # (0 = read in the training process, one slice per rank)
     num_workers: int = 1
+    # batches each worker prepares ahead (DataLoader prefetch_factor; only with num_workers > 0)
+    prefetch_factor: int = 2
+    # shuffle buffer per worker stream, in samples (1 = no shuffle inside a slice)
     shuffle_buffer: int = 256
     seed: int = 0
     max_length: int = 2048
     # skip: skip-and-count bad samples; fail: raise naming shard and key
     on_error: str = "skip"
-    # S3 endpoint for s3:// URLs (credentials come from the environment only)
+    # images whose width or height is smaller than this are treated as corrupt (1x1 placeholders)
+    min_image_side: int = 2
+    # samples per epoch on all ranks together for a mixture; None = sum of the datasets' sizes
+    samples_per_epoch: Optional[int] = None
+    # S3 endpoint for s3:// URLs (credentials come from the environment only);
+    # None = AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL from the environment
     s3_endpoint_url: Optional[str] = None
+
+    def validate(self) -> None:
+        """Raise ValueError naming the offending key (data.<key>)."""
+        if not self.datasets:
+            raise ValueError("data.datasets: at least one dataset is required")
+        names = [d.name for d in self.datasets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"data.datasets: dataset names must be unique, got {names}")
+        for i, d in enumerate(self.datasets):
+            if not d.manifest:
+                raise ValueError(f"data.datasets[{i}].manifest: empty (dataset {d.name!r})")
+            if not d.weight > 0:
+                raise ValueError(f"data.datasets[{i}].weight: must be > 0, got {d.weight} "
+                                 f"(dataset {d.name!r})")
+        if self.micro_batch_size < 1:
+            raise ValueError(f"data.micro_batch_size: must be >= 1, got {self.micro_batch_size}")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers: must be >= 0, got {self.num_workers}")
+        if self.shuffle_buffer < 1:
+            raise ValueError(f"data.shuffle_buffer: must be >= 1, got {self.shuffle_buffer}")
+        if self.on_error not in ON_ERROR_CHOICES:
+            raise ValueError(f"data.on_error: must be one of {ON_ERROR_CHOICES}, "
+                             f"got {self.on_error!r}")
+        if self.samples_per_epoch is not None and self.samples_per_epoch < 1:
+            raise ValueError(f"data.samples_per_epoch: must be >= 1 or null, "
+                             f"got {self.samples_per_epoch}")
