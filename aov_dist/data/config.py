@@ -30,6 +30,9 @@ class DataConfig:
     num_workers: int = 1
     # batches each worker prepares ahead (DataLoader prefetch_factor; only with num_workers > 0)
     prefetch_factor: int = 2
+    # how DataLoader workers start: None = the platform default (fork on Linux); "spawn" or
+    # "forkserver" where forking a threaded process (e.g. a Ray worker) is a concern
+    mp_context: Optional[str] = None
     # shuffle buffer per worker stream, in samples (1 = no shuffle inside a slice)
     shuffle_buffer: int = 256
     seed: int = 0
@@ -66,6 +69,9 @@ class DataConfig:
         if self.on_error not in ON_ERROR_CHOICES:
             raise ValueError(f"data.on_error: must be one of {ON_ERROR_CHOICES}, "
                              f"got {self.on_error!r}")
+        if self.mp_context not in (None, "fork", "spawn", "forkserver"):
+            raise ValueError(f"data.mp_context: must be null, fork, spawn or forkserver, "
+                             f"got {self.mp_context!r}")
         if self.samples_per_epoch is not None and self.samples_per_epoch < 1:
             raise ValueError(f"data.samples_per_epoch: must be >= 1 or null, "
                              f"got {self.samples_per_epoch}")

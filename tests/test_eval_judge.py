@@ -1,0 +1,114 @@
+"""The GPT-Score judge against a local OpenAI-compatible server on 127.0.0.1."""
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from aov_dist.eval.config import JudgeConfig
+from aov_dist.eval.judge import JudgeClient, gpt_scores, parse_score, summarize
+
+
+class _Server:
+    """Replies are scripted per answer text: a list of (status, content) consumed in order."""
+
+    def __init__(self):
+        self.script: dict[str, list[tuple[int, str]]] = {}
+        self.requests: list[dict] = []
+        self.headers: list[dict] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server API
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                outer.requests.append(body)
+                outer.headers.append(dict(self.headers))
+                prompt = body["messages"][0]["content"]
+                key = next(k for k in outer.script if f"ANSWER<{k}>" in prompt)
+                status, content = outer.script[key].pop(0)
+                payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]})
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(payload.encode() if status == 200 else b'{"error": "boom"}')
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def server():
+    s = _Server()
+    yield s
+    s.httpd.shutdown()
+
+
+def _cfg(url, **kw):
+    return JudgeConfig(base_url=url, model="judge-test", max_retries=2, backoff_s=0.0, timeout_s=5, **kw)
+
+
+def test_parse_score_forms():
+    assert parse_score("Score: 7\nGood answer.") == 7.0
+    assert parse_score("**Score:** 8.5 because") == 8.5
+    assert parse_score("score = 3") == 3.0
+    assert parse_score(" 9/10 ") == 9.0
+    assert parse_score("Score: 11") is None  # out of range
+    assert parse_score("I would rate it highly.") is None
+
+
+def test_scores_retries_and_malformed(server, monkeypatch):
+    monkeypatch.setenv("AOV_JUDGE_API_KEY", "sk-test-123")
+    server.script = {
+        "a": [(200, "Score: 8\nMatches the reference.")],
+        "b": [(500, ""), (200, "Score: 4\nPartly.")],  # one 500, then success
+        "c": [(200, "It is quite good.")],  # no score: malformed, counted
+        "d": [(503, ""), (503, ""), (503, "")],  # exhausted retries: error, counted
+    }
+    sleeps = []
+    client = JudgeClient(_cfg(server.url, concurrency=1), sleep=sleeps.append)
+    res = client.score_many(["q"] * 4, ["ref"] * 4, ["ANSWER<a>", "ANSWER<b>", "ANSWER<c>", "ANSWER<d>"])
+    assert [r.status for r in res] == ["ok", "ok", "malformed", "error"]
+    assert [r.score for r in res] == [8.0, 4.0, None, None]
+    assert summarize(res) == {"gpt_score": 6.0, "judged": 2, "malformed": 1, "errors": 1}
+    assert len(server.requests) == 1 + 2 + 1 + 3
+    assert len(sleeps) == 1 + 2  # b retried once; d retried max_retries times
+    assert server.requests[0]["model"] == "judge-test" and server.requests[0]["temperature"] == 0
+    assert server.headers[0]["Authorization"] == "Bearer sk-test-123"
+    prompt = server.requests[0]["messages"][0]["content"]
+    assert "[Reference answer]\nref" in prompt and "Score: <integer>" in prompt
+
+
+def test_braces_in_answers_do_not_break_the_template(server):
+    server.script = {"x": [(200, "Score: 10")]}
+    res = JudgeClient(_cfg(server.url)).score_many(["q {0}"], ["r {}"], ["ANSWER<x> {answer}"])
+    assert res[0].score == 10.0
+    assert "q {0}" in server.requests[0]["messages"][0]["content"]
+
+
+def test_non_retryable_http_error_is_counted_not_fatal(server):
+    server.script = {"x": [(401, "")]}
+    res = JudgeClient(_cfg(server.url)).score_many(["q"], ["r"], ["ANSWER<x>"])
+    assert res[0].status == "error" and "401" in res[0].raw
+    assert len(server.requests) == 1
+
+
+def test_unreachable_endpoint_is_an_error_after_retries():
+    res = JudgeClient(_cfg("http://127.0.0.1:9/v1", max_tokens=8), sleep=lambda s: None).score_many(
+        ["q"], ["r"], ["a"])
+    assert res[0].status == "error"
+
+
+def test_skipped_without_endpoint(caplog):
+    assert gpt_scores(JudgeConfig(base_url=None), ["q"], ["r"], ["a"]) is None
+    assert "GPT-Score skipped" in caplog.text
+
+
+def test_prompt_file_must_have_the_fields(tmp_path):
+    bad = tmp_path / "p.txt"
+    bad.write_text("Rate {answer}")
+    with pytest.raises(ValueError, match=r"lacks the field \{question\}"):
+        JudgeClient(JudgeConfig(base_url="http://127.0.0.1:9/v1", prompt_file=str(bad)))
