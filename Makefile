@@ -45,5 +45,36 @@ $(SYNTH_DIR)/shards/manifest.json:
 	  --image-root $(SYNTH_DIR)/train/images --out $(SYNTH_DIR)/shards --shard-size-mb 2 --on-error fail --overwrite
 	$(PY) -m aov_dist.data.cli inspect $(SYNTH_DIR)/shards
 
+# ---- cluster: Ray job submission, KubeRay manifests, a 2-node Ray cluster on this machine ----
+# NODES: cluster.nodes; CLUSTER: conf/cluster/<preset>.yaml; ARGS: Hydra overrides for the job;
+# SUBMIT_ARGS: options of launch/submit.py itself (--dry-run, --env KEY=VALUE, --submission-id ID)
+NODES ?= 1
+CLUSTER ?= h100
+ARGS ?=
+SUBMIT_ARGS ?=
+CLUSTER_ROOT ?= /tmp/aov-cluster
+.PHONY: launch-probe cluster-up cluster-down multinode-demo
+
+launch: setup
+	$(PY) launch/submit.py train --nodes $(NODES) --cluster $(CLUSTER) $(SUBMIT_ARGS) -- $(ARGS)
+
+launch-eval: setup
+	$(PY) launch/submit.py eval --nodes $(NODES) --cluster $(CLUSTER) $(SUBMIT_ARGS) -- $(ARGS)
+
+launch-probe: setup
+	$(PY) launch/submit.py probe --nodes $(NODES) --cluster $(CLUSTER) $(SUBMIT_ARGS) -- $(ARGS)
+
+k8s: setup
+	$(PY) -m aov_dist.cluster.k8s --nodes $(NODES) --cluster $(CLUSTER) --out k8s/rendered $(ARGS)
+
+cluster-up: setup
+	$(PY) -m aov_dist.cluster.local_cluster up --root $(CLUSTER_ROOT) --nodes 2
+
+cluster-down:
+	$(PY) -m aov_dist.cluster.local_cluster down --root $(CLUSTER_ROOT)
+
+multinode-demo: setup
+	$(PY) -m pytest tests/test_multinode.py -m slow -v -rs $(PYTEST_ARGS)
+
 clean:
 	rm -rf mlruns mlflow.db ray_results outputs data_shards/synthetic data_shards/*.tar data_shards/manifest.json .pytest_cache

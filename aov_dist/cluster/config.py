@@ -50,13 +50,20 @@ class K8sConfig:
     active_deadline_seconds: int = 259200
     # Retries recreate the whole Ray cluster: resume comes from our checkpoint discovery.
     backoff_limit: int = 2
-    # Secret names (created by the operator, never rendered by us).
+    # What the manifests pin on the training command line: resume after a RayJob is recreated
+    # finds <storage_path>/<run_name>/step_<N>/COMMITTED again (our discovery, not Ray's).
+    run_name: str = "aov-run"
+    storage_path: str = "s3://aov-runs/checkpoints"
+    # Replicas of the evaluation watcher's GPU worker group.
+    eval_nodes: int = 1
+    # Secret names (created by the operator with kubectl, never rendered by us).
     s3_secret: str = "aov-s3"
     mlflow_client_secret: str = "aov-mlflow-client"
     mlflow_server_secret: str = "aov-mlflow-server"
-    # Non-secret endpoints given to every pod.
+    # Non-secret endpoints given to every pod; None = AWS S3 / the in-namespace MLflow service.
     s3_endpoint_url: Optional[str] = None
-    mlflow_tracking_uri: str = "http://aov-mlflow.aov.svc.cluster.local:5000"
+    mlflow_tracking_uri: Optional[str] = None
+    # Must contain mlflow, psycopg2 and boto3 (k8s/docker/mlflow.Dockerfile).
     mlflow_image: str = "aov-mlflow:3.17.2"
     mlflow_artifacts_destination: str = "s3://aov-mlflow/artifacts"
 
