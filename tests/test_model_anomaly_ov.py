@@ -1,7 +1,6 @@
 """The tiny Anomaly-OV: splice, counts, forward/backward, generate, save/load, stages."""
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 import pytest
@@ -48,7 +47,7 @@ class Capture:
 
 def force_scores(model, scores):
     def hook(module, args, out):
-        return dataclasses.replace(out, scores=torch.tensor(scores))
+        return out._replace(scores=torch.tensor(scores))
 
     return model.expert.register_forward_hook(hook)
 

@@ -14,7 +14,7 @@ import math
 import os
 import pickle
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -56,8 +56,10 @@ def official_expert_dims() -> ExpertDims:
     return ExpertDims(vision_dim=1152, grid=27, embed_dim=512, pool=2, num_levels=4, logit_scale=100.0)
 
 
-@dataclass
-class ExpertOutput:
+class ExpertOutput(NamedTuple):
+    """A NamedTuple, not a dataclass: DeepSpeed ZeRO-3 must see the tensors a module returns to
+    re-gather that module's partitioned parameters for its backward pass."""
+
     tokens: Tensor  # [V, pool*pool, D] anomaly tokens per view
     image_tokens: Tensor  # [I, 1, D] r(I)
     logits: Tensor  # [I] pre-sigmoid image anomaly logit

@@ -1,0 +1,129 @@
+"""The one typed config schema of a training job, registered in Hydra's ConfigStore.
+
+conf/config.yaml composes the groups (model, data, stage, deepspeed, cluster, tracking, eval) on top
+of ``TrainJobConfig``; Hydra rejects unknown keys and wrong types against these dataclasses, and
+``validate`` checks the combinations on the driver before anything (Ray, MLflow) is started.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from aov_dist.cluster.config import ClusterConfig, validate_cluster
+from aov_dist.data.config import DataConfig
+from aov_dist.eval.config import EvalConfig
+from aov_dist.model.config import ModelConfig
+from aov_dist.tracking.config import TrackingConfig
+from aov_dist.train.config import SCHEDULES, STAGES, DeepSpeedConfig, StageConfig, TrainConfig
+
+CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+
+
+class ConfigError(ValueError):
+    """A config that cannot work; the message starts with the dotted key to fix."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+@dataclass
+class TrainJobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    stage: StageConfig = field(default_factory=StageConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="train_job_schema", node=TrainJobConfig)
+
+
+def to_typed(cfg: DictConfig | TrainJobConfig | dict[str, Any]) -> TrainJobConfig:
+    """Merge onto the schema (unknown keys and wrong types fail here, naming the key) -> dataclasses."""
+    if isinstance(cfg, TrainJobConfig):
+        return cfg
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(TrainJobConfig), cfg)
+        return OmegaConf.to_object(merged)
+    except Exception as e:  # omegaconf's errors carry full_key; surface it first
+        key = getattr(e, "full_key", None) or "config"
+        raise ConfigError(str(key), str(e).splitlines()[0]) from e
+
+
+def micro_steps_per_step(cfg: TrainJobConfig) -> int:
+    """Gradient-accumulation steps: global batch = workers x micro batch x accumulation."""
+    return cfg.stage.global_batch_size // (cfg.cluster.num_workers * cfg.data.micro_batch_size)
+
+
+def validate(cfg: DictConfig | TrainJobConfig | dict[str, Any]) -> TrainJobConfig:
+    """Typed, checked config, or one ConfigError naming the key. Touches no Ray / MLflow resource."""
+    c = to_typed(cfg)
+    workers = c.cluster.num_workers
+    per_step = workers * c.data.micro_batch_size
+    if c.stage.name not in STAGES:
+        raise ConfigError("stage.name", f"must be one of {STAGES}, got {c.stage.name!r}")
+    if c.stage.schedule not in SCHEDULES:
+        raise ConfigError("stage.schedule", f"must be one of {SCHEDULES}, got {c.stage.schedule!r}")
+    if c.stage.global_batch_size < 1 or c.stage.global_batch_size % per_step:
+        raise ConfigError(
+            "stage.global_batch_size",
+            f"{c.stage.global_batch_size} is not divisible by workers x micro batch = "
+            f"{workers} x {c.data.micro_batch_size} = {per_step} (cluster.nodes x cluster.workers_per_node "
+            f"x data.micro_batch_size)")
+    if not c.stage.lr:
+        raise ConfigError("stage.lr", "give a learning rate per trainable group, e.g. {expert: 1e-4}")
+    expected = {"stage1": {"expert"}, "stage2": {"projector", "llm"}}[c.stage.name]
+    if set(c.stage.lr) != expected:
+        raise ConfigError("stage.lr", f"{c.stage.name} trains the groups {sorted(expected)}, got {sorted(c.stage.lr)}")
+    if c.stage.epochs <= 0 and c.stage.max_steps <= 0:
+        raise ConfigError("stage.epochs", "must be > 0 (or set stage.max_steps)")
+    if not 0.0 <= c.stage.warmup_ratio < 1.0:
+        raise ConfigError("stage.warmup_ratio", f"must be in [0, 1), got {c.stage.warmup_ratio}")
+    if c.deepspeed.zero_stage not in (2, 3):
+        raise ConfigError("deepspeed.zero_stage", f"must be 2 or 3, got {c.deepspeed.zero_stage}")
+    if c.deepspeed.precision not in ("auto", "fp32", "bf16"):
+        raise ConfigError("deepspeed.precision", f"must be auto, fp32 or bf16, got {c.deepspeed.precision!r}")
+    if c.deepspeed.precision == "bf16" and not c.cluster.use_gpu:
+        raise ConfigError("deepspeed.precision", "bf16 training needs GPUs (cluster.use_gpu=true); CPU runs fp32")
+    if c.train.checkpoint_every_steps < 1:
+        raise ConfigError("train.checkpoint_every_steps", f"must be >= 1, got {c.train.checkpoint_every_steps}")
+    if c.train.keep_checkpoints < 1:
+        raise ConfigError("train.keep_checkpoints", f"must be >= 1, got {c.train.keep_checkpoints}")
+    if not c.train.run_name or "/" in c.train.run_name:
+        raise ConfigError("train.run_name", f"must be a non-empty name without '/', got {c.train.run_name!r}")
+    try:
+        c.data.validate()
+        validate_cluster(c.cluster, c.train.storage_path, storage_key="train.storage_path")
+    except ValueError as e:
+        key = getattr(e, "key", None) or str(e).split(":", 1)[0]
+        raise ConfigError(key, str(e).split(": ", 1)[-1]) from e
+    _check_paths(c)
+    return c
+
+
+def _check_paths(c: TrainJobConfig) -> None:
+    """Inputs that must exist before any resource is taken (remote ones are checked through fsspec)."""
+    from aov_dist.data import fs
+    from aov_dist.train.checkpoint import is_committed
+
+    for i, d in enumerate(c.data.datasets):
+        if not fs.exists(d.manifest):
+            raise ConfigError(f"data.datasets[{i}].manifest", f"{d.manifest!r} does not exist (make shards writes the synthetic one)")
+    for key, path in (("model.pretrained_path", c.model.pretrained_path), ("model.expert_path", c.model.expert_path),
+                      ("stage.init_from", c.stage.init_from)):
+        if path and not fs.exists(path):
+            raise ConfigError(key, f"{path!r} does not exist")
+    if c.train.resume_from and not is_committed(c.train.resume_from):
+        raise ConfigError("train.resume_from", f"{c.train.resume_from!r} is not a committed checkpoint (no COMMITTED marker)")
+
+
+register_configs()

@@ -1,0 +1,35 @@
+"""`aov-train` / `python -m aov_dist.train`: the Hydra app around aov_dist.train.driver.main."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from aov_dist.config import CONF_DIR, ConfigError, register_configs
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+def _app(cfg: DictConfig) -> None:
+    from aov_dist.train.driver import main
+
+    try:
+        result = main(cfg)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    print(f"run {result.run_id}: {len(result.losses)} steps, final loss "
+          f"{result.losses[-1] if result.losses else float('nan'):.4f}; checkpoints in {result.run_dir}"
+          + (f"; model {result.registered_model}" if result.registered_model else ""))
+
+
+def cli() -> None:
+    logging.basicConfig(level=os.environ.get("AOV_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    register_configs()
+    _app()
+
+
+if __name__ == "__main__":
+    cli()

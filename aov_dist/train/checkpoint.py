@@ -1,0 +1,120 @@
+"""Checkpoint layout, commit marker and discovery (local paths or s3:// through fsspec).
+
+    <storage>/<run_name>/step_<N>/
+        ds/                  DeepSpeed's sharded state (every rank's ZeRO partitions + optimizer + scheduler)
+        loader/rank_<r>.json the streaming loader's state of every rank
+        rng/rank_<r>.json    python / numpy / torch RNG states of every rank
+        trainer_state.json   step, epoch, per-step losses so far
+        hf/                  consolidated HF-format model + processor (what evaluation loads)
+        COMMITTED            written last, by rank 0, after every rank finished writing
+
+A folder without COMMITTED is never loaded (a crash mid-save leaves exactly that), and older
+checkpoints are deleted only after a newer one is committed.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import random
+import re
+import time
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from aov_dist.data import fs
+
+COMMIT_MARKER = "COMMITTED"
+_STEP_DIR = re.compile(r"step_(\d+)$")
+
+
+def run_dir(storage: str, run_name: str) -> str:
+    return f"{storage.rstrip('/')}/{run_name}"
+
+
+def step_dir(storage: str, run_name: str, step: int) -> str:
+    return f"{run_dir(storage, run_name)}/step_{step}"
+
+
+def step_of(path: str) -> Optional[int]:
+    m = _STEP_DIR.search(path.rstrip("/"))
+    return int(m.group(1)) if m else None
+
+
+def is_committed(path: str) -> bool:
+    return fs.exists(f"{path.rstrip('/')}/{COMMIT_MARKER}")
+
+
+def _qualified(url_like: str, storage: str) -> str:
+    """fsspec listings drop the scheme: put it back for remote storage."""
+    if fs.is_remote(storage) and "://" not in url_like:
+        return f"{storage.split('://', 1)[0]}://{url_like}"
+    return url_like
+
+
+def list_steps(storage: str, run_name: str) -> list[tuple[int, str, bool]]:
+    """(step, folder, committed) of every step folder of the run, oldest first."""
+    root = run_dir(storage, run_name)
+    if not fs.exists(root):
+        return []
+    found = []
+    for name in fs.list_names(root):
+        step = step_of(name)
+        if step is not None:
+            path = f"{root}/step_{step}"
+            found.append((step, path, is_committed(path)))
+    return sorted(found)
+
+
+def latest_committed(storage: str, run_name: str) -> Optional[str]:
+    committed = [path for _, path, ok in list_steps(storage, run_name) if ok]
+    return committed[-1] if committed else None
+
+
+def write_marker(path: str, step: int, world_size: int) -> None:
+    body = {"step": step, "world_size": world_size, "time": time.time()}
+    fs.write_bytes(f"{path}/{COMMIT_MARKER}", json.dumps(body).encode())
+
+
+def prune(storage: str, run_name: str, keep: int) -> list[str]:
+    """Delete all but the newest ``keep`` committed checkpoints, and uncommitted folders older than
+    the newest committed one (leftovers of interrupted saves). Called only after a commit."""
+    steps = list_steps(storage, run_name)
+    committed = [(s, p) for s, p, ok in steps if ok]
+    if not committed:
+        return []
+    newest = committed[-1][0]
+    doomed = [p for _, p in committed[:-keep]] + [p for s, p, ok in steps if not ok and s < newest]
+    for path in doomed:
+        fs_, p = fs.get_fs(path)
+        fs_.rm(p, recursive=True)
+    return doomed
+
+
+def write_json(url: str, obj: Any) -> None:
+    fs.write_bytes(url, json.dumps(obj).encode())
+
+
+def read_json(url: str) -> Any:
+    return json.loads(fs.read_bytes(url))
+
+
+def rng_state() -> dict[str, Any]:
+    """JSON-safe RNG states (no pickles in checkpoints)."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    return {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    raw = np.frombuffer(base64.b64decode(state["torch"]), dtype=np.uint8).copy()
+    torch.set_rng_state(torch.from_numpy(raw))

@@ -1,0 +1,64 @@
+"""Stage, training-run and DeepSpeed sections of the config schema (conf/stage, conf/deepspeed)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+STAGES = ("stage1", "stage2")
+SCHEDULES = ("cosine_restarts", "warmup_cosine", "constant")
+
+
+@dataclass
+class StageConfig:
+    # stage1: the expert alone on image labels; stage2: projector + LLM on conversations.
+    name: str = "stage1"
+    epochs: float = 2.0
+    # > 0 caps the run at this many optimizer steps (tests, smoke runs).
+    max_steps: int = -1
+    global_batch_size: int = 128
+    # Learning rate per trainable group of the stage (the model's stage_parameter_groups names).
+    lr: dict[str, float] = field(default_factory=lambda: {"expert": 1e-4})
+    weight_decay: float = 0.0
+    # cosine_restarts (stage 1: warm restarts every restart_every_epochs), warmup_cosine (stage 2).
+    schedule: str = "cosine_restarts"
+    restart_every_epochs: float = 0.5
+    warmup_ratio: float = 0.0
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0
+    # Stage 2 starts from a stage-1 result: a committed step folder, an HF-format folder, or an
+    # expert .pth (released pretrained_expert_*.pth). None: the model section's weights as they are.
+    init_from: Optional[str] = None
+
+
+@dataclass
+class TrainConfig:
+    # The run's identity: checkpoints live in <storage_path>/<run_name>/step_<N>/ and a job with the
+    # same run name continues from the newest committed one.
+    run_name: str = "aov-tiny"
+    storage_path: str = "ray_results"
+    seed: int = 0
+    checkpoint_every_steps: int = 50
+    keep_checkpoints: int = 2
+    # Ray Train restarts the worker group this many times after a worker dies.
+    max_failures: int = 0
+    resume: bool = True
+    # Resume from this committed step folder instead of discovering the newest one.
+    resume_from: Optional[str] = None
+    # Write a consolidated HF-format model into every checkpoint (hf/): what the evaluator loads.
+    export_hf_in_checkpoints: bool = True
+    log_every_steps: int = 1
+    # Peak bf16 FLOP/s of one accelerator for the MFU metric; 0 = not logged (CPU).
+    peak_flops_per_device: float = 0.0
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 3
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    # auto: bf16 on GPU, fp32 on CPU.
+    precision: str = "auto"
+    # 0 partitions even tiny parameters (tests really exercise ZeRO-3); DeepSpeed's default is 1e5.
+    param_persistence_threshold: int = 100000
+    # Construct the model under zero.Init (ZeRO-3) so no rank ever holds the whole model.
+    zero_init: bool = True

@@ -1,0 +1,167 @@
+"""The driver: validate the config, create the MLflow run, start the Ray Train job, show progress,
+log the final model. Nothing is started before the config is valid."""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from aov_dist.config import TrainJobConfig, validate
+from aov_dist.train import checkpoint as ckpt
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    run_id: Optional[str]
+    run_dir: str
+    losses: list[float] = field(default_factory=list)
+    checkpoints: list[str] = field(default_factory=list)
+    latest_checkpoint: Optional[str] = None
+    skipped: dict[str, int] = field(default_factory=dict)
+    resumed_from: Optional[str] = None
+    registered_model: Optional[str] = None
+
+
+def init_ray(cfg: TrainJobConfig) -> None:
+    """Join RAY_ADDRESS / cluster.address, or start a quiet local instance."""
+    import ray
+
+    from aov_dist.cluster.scaling import runtime_env
+
+    if ray.is_initialized():
+        return
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    env = runtime_env(cfg.cluster) or {}
+    env.setdefault("env_vars", {}).update({
+        # keep the job's working directory in the workers, so relative paths mean the same everywhere
+        "RAY_CHDIR_TO_TRIAL_DIR": "0",
+        "PYTHONWARNINGS": "ignore",
+        "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cuda" if cfg.cluster.use_gpu else "cpu"),
+    })
+    # Worker output (DeepSpeed's chatter) stays in Ray's log files unless asked for.
+    to_driver = os.environ.get("AOV_WORKER_LOGS", "0") == "1"
+    if address:
+        ray.init(address=address, runtime_env=env, logging_level=logging.WARNING, log_to_driver=to_driver)
+    else:
+        # the dashboard process serves the state API Ray Train polls; bind it to loopback only
+        ray.init(num_cpus=max(os.cpu_count() or 1, cfg.cluster.num_workers * cfg.cluster.cpus_per_worker),
+                 dashboard_host="127.0.0.1", logging_level=logging.WARNING, log_to_driver=to_driver,
+                 runtime_env=env)
+
+
+def _absolute(path: Optional[str]) -> Optional[str]:
+    return path if not path or "://" in path else os.path.abspath(path)
+
+
+def _absolutize(c: TrainJobConfig) -> None:
+    """Ray Train workers run in their own working directory: local paths are resolved here, on the
+    driver (multi-node runs use s3:// or a shared filesystem, see cluster validation)."""
+    c.train.storage_path = _absolute(c.train.storage_path)
+    c.train.resume_from = _absolute(c.train.resume_from)
+    c.model.pretrained_path = _absolute(c.model.pretrained_path)
+    c.model.expert_path = _absolute(c.model.expert_path)
+    c.stage.init_from = _absolute(c.stage.init_from)
+    for d in c.data.datasets:
+        d.manifest = _absolute(d.manifest)
+
+
+def main(cfg: DictConfig | TrainJobConfig | dict[str, Any], show_progress: bool = True) -> TrainResult:
+    """Run one training job. Callable from Python (tests) and from the Hydra app."""
+    from aov_dist.tracking.mlflow_tracker import create_run, finish_run
+    from aov_dist.tracking.redact import redact
+
+    c = validate(cfg)
+    _absolutize(c)
+    if c.train.resume_from is None and c.train.resume:
+        c.train.resume_from = ckpt.latest_committed(c.train.storage_path, c.train.run_name)
+    container = OmegaConf.to_container(OmegaConf.structured(c), resolve=True)
+    safe_yaml = OmegaConf.to_yaml(OmegaConf.create(redact(container)))
+    run_id = create_run(c.tracking, c.train.run_name, container, safe_yaml,
+                        tags={"aov.stage": c.stage.name, "aov.run_dir": ckpt.run_dir(c.train.storage_path, c.train.run_name)})
+    status = "FAILED"
+    try:
+        result = _fit(c, container, run_id, show_progress)
+        result.registered_model = _log_final_model(c, run_id, result.latest_checkpoint)
+        status = "FINISHED"
+        return result
+    finally:
+        finish_run(c.tracking, run_id, status)
+
+
+def _fit(c: TrainJobConfig, container: dict, run_id: Optional[str], show_progress: bool) -> TrainResult:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.util.queue import Queue
+
+    from aov_dist.cluster.scaling import scaling_config
+    from aov_dist.train.loop import worker_entry
+
+    init_ray(c)
+    progress = Queue(maxsize=10000)
+    done: dict[str, Any] = {}
+    watcher = threading.Thread(target=_show_progress, args=(progress, done, show_progress, c.stage.name), daemon=True)
+    watcher.start()
+    trainer = TorchTrainer(
+        worker_entry,
+        train_loop_config={"cfg": container, "run_id": run_id, "progress": progress},
+        scaling_config=scaling_config(c.cluster),
+        torch_config=TorchConfig(backend=c.cluster.backend),
+        run_config=RunConfig(
+            name=c.train.run_name,
+            storage_path=_ray_storage(c.train.storage_path),
+            failure_config=FailureConfig(max_failures=c.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=c.train.keep_checkpoints),
+        ),
+    )
+    trainer.fit()
+    watcher.join(timeout=30)
+    ray.kill(progress.actor)
+    return TrainResult(run_id=run_id, run_dir=ckpt.run_dir(c.train.storage_path, c.train.run_name),
+                       losses=done.get("losses", []), checkpoints=done.get("checkpoints", []),
+                       latest_checkpoint=ckpt.latest_committed(c.train.storage_path, c.train.run_name),
+                       skipped=done.get("skipped", {}), resumed_from=done.get("resumed_from"))
+
+
+def _ray_storage(storage: str) -> str:
+    """Ray Train keeps its own bookkeeping (and our pointer checkpoints) beside our step folders."""
+    return f"{storage.rstrip('/')}/_ray"
+
+
+def _show_progress(queue, done: dict, show: bool, stage: str) -> None:
+    from tqdm.auto import tqdm
+
+    bar = None
+    while True:
+        try:
+            m = queue.get(timeout=1.0)
+        except Exception:
+            if done.get("_stop"):
+                return
+            continue
+        if m.get("done"):
+            done.update(m)
+            if bar is not None:
+                bar.close()
+            return
+        if show:
+            if bar is None:
+                bar = tqdm(total=m["total"], desc=f"train {stage}", unit="step", dynamic_ncols=True)
+            bar.n = m["step"]
+            bar.set_postfix(loss=f"{m['loss']:.4f}", samples_s=f"{m['samples_per_s']:.1f}")
+            bar.refresh()
+
+
+def _log_final_model(c: TrainJobConfig, run_id: Optional[str], latest: Optional[str]) -> Optional[str]:
+    """Log the final HF export as an MLflow model and register it (models:/<name>/<version>)."""
+    if not (c.tracking.enabled and run_id and latest and c.train.export_hf_in_checkpoints):
+        return None
+    from aov_dist.tracking.model_registry import log_and_register
+
+    return log_and_register(c.tracking, run_id, f"{latest}/hf")

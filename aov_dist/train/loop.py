@@ -1,0 +1,216 @@
+"""The per-worker training loop: the same code on every rank, with or without Ray.
+
+Every rank builds the model (under zero.Init for ZeRO-3), the DeepSpeed engine and its own shard
+stream, runs the same modules the same number of times (ZeRO-3 hangs otherwise), and writes its
+part of each checkpoint; rank 0 logs and commits.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from aov_dist.config import TrainJobConfig, micro_steps_per_step, to_typed
+from aov_dist.data import fs
+from aov_dist.train import checkpoint as ckpt
+from aov_dist.train.strategy import DeepSpeedStrategy
+from aov_dist.train.tasks import make_task, model_config_for
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoopResult:
+    step: int
+    losses: list[float] = field(default_factory=list)  # per optimizer step, global mean, since step 0
+    checkpoints: list[str] = field(default_factory=list)
+    skipped: dict[str, int] = field(default_factory=dict)
+    resumed_from: Optional[str] = None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _global_mean(value: float, world: int) -> float:
+    t = torch.tensor([value], dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(t)
+    return float(t.item()) / world
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def run_training(cfg: TrainJobConfig, rank: int, world: int, run_id: Optional[str] = None,
+                 on_step: Optional[Callable[[dict], None]] = None,
+                 on_checkpoint: Optional[Callable[[int, str, dict], None]] = None) -> LoopResult:
+    """Train until the stage's last step. Needs torch.distributed initialised when world > 1."""
+    import deepspeed
+
+    from aov_dist.data.stream import build_loader
+    from aov_dist.model import build_model
+    from aov_dist.tracking.mlflow_tracker import CHECKPOINT_TAG, make_tracker
+
+    deepspeed.init_distributed(dist_backend=cfg.cluster.backend, verbose=False)
+    seed_everything(cfg.train.seed)
+    task = make_task(cfg.stage.name)
+    strategy = DeepSpeedStrategy(cfg)
+    model, processor = strategy.build_model(lambda: build_model(model_config_for(cfg)))
+    groups = model.stage_parameter_groups(cfg.stage.name)
+
+    accum = micro_steps_per_step(cfg)
+    loader = build_loader(cfg.data, rank, world, transform=task.transform(processor, cfg), collate=processor.collate,
+                          stage=cfg.stage.name)
+    steps_per_epoch = max(1, loader.batches_per_epoch // accum)
+    total = cfg.stage.max_steps if cfg.stage.max_steps > 0 else max(1, math.floor(cfg.stage.epochs * steps_per_epoch))
+    engine = strategy.initialize(model, groups, total, steps_per_epoch)
+
+    result = LoopResult(step=0)
+    resume = cfg.train.resume_from or (ckpt.latest_committed(cfg.train.storage_path, cfg.train.run_name)
+                                       if cfg.train.resume else None)
+    if resume:
+        _restore(strategy, engine, loader, resume, rank, result)
+    tracker = make_tracker(cfg.tracking, run_id, rank)
+
+    batches = iter(loader)
+
+    def next_batch():
+        nonlocal batches
+        try:
+            return next(batches)
+        except StopIteration:  # epoch done: the loader advanced its epoch, start the next one
+            batches = iter(loader)
+            return next(batches)
+
+    engine.train()
+    while result.step < total:
+        t0 = time.perf_counter()
+        loss_sum, tokens = 0.0, 0
+        for _ in range(accum):
+            loss, n_tokens = task.loss(engine, next_batch())
+            engine.backward(loss)
+            engine.step()
+            loss_sum += float(loss.detach())
+            tokens += n_tokens
+        result.step += 1
+        step_loss = _global_mean(loss_sum / accum, world)
+        result.losses.append(step_loss)
+        elapsed = time.perf_counter() - t0
+        metrics = {"loss": step_loss, "epoch": loader.epoch,
+                   "samples_per_s": cfg.stage.global_batch_size / elapsed,
+                   "tokens_per_s": _global_mean(tokens, world) * world / elapsed}
+        norm = engine.get_global_grad_norm()
+        if norm is not None:
+            metrics["grad_norm"] = float(norm)
+        metrics.update({f"lr/{k}": v for k, v in strategy.group_lrs(engine).items()})
+        metrics.update({f"data/skipped_{k}": v for k, v in loader.skipped.items()})
+        if rank == 0 and result.step % cfg.train.log_every_steps == 0:
+            tracker.log_metrics(metrics, result.step)
+        if on_step and rank == 0:
+            on_step({"step": result.step, "total": total, **metrics})
+        if result.step % cfg.train.checkpoint_every_steps == 0 or result.step == total:
+            path = _save(cfg, strategy, engine, processor, loader, result, rank, world)
+            result.checkpoints.append(path)
+            if rank == 0:
+                tracker.set_tag(f"{CHECKPOINT_TAG}{result.step}", path)
+            if on_checkpoint:
+                on_checkpoint(result.step, path, metrics)
+    result.skipped = dict(loader.skipped)
+    tracker.close()
+    return result
+
+
+def _restore(strategy, engine, loader, path: str, rank: int, result: LoopResult) -> None:
+    local = _localize_for_read(path)
+    strategy.load(engine, f"{local}/ds")
+    loader.load_state_dict(ckpt.read_json(f"{path}/loader/rank_{rank}.json"))
+    ckpt.set_rng_state(ckpt.read_json(f"{path}/rng/rank_{rank}.json"))
+    state = ckpt.read_json(f"{path}/trainer_state.json")
+    result.step, result.losses, result.resumed_from = state["step"], list(state["losses"]), path
+    log.info("rank %d resumed from %s at step %d", rank, path, result.step)
+
+
+def _localize_for_read(path: str) -> str:
+    """DeepSpeed reads local files: copy a remote step folder's ds/ to a local temp folder."""
+    if not fs.is_remote(path):
+        return path
+    tmp = tempfile.mkdtemp(prefix="aov-resume-")
+    fs_, p = fs.get_fs(path)
+    fs_.get(f"{p}/ds/", f"{tmp}/ds/", recursive=True)
+    return tmp
+
+
+def _save(cfg: TrainJobConfig, strategy, engine, processor, loader, result: LoopResult, rank: int, world: int) -> str:
+    """Every rank writes its part; after a barrier rank 0 writes the marker, then prunes old ones."""
+    storage, run = cfg.train.storage_path, cfg.train.run_name
+    final = ckpt.step_dir(storage, run, result.step)
+    remote = fs.is_remote(final)
+    local = tempfile.mkdtemp(prefix="aov-ckpt-") if remote else final
+    os.makedirs(local, exist_ok=True)
+    strategy.save(engine, f"{local}/ds")
+    os.makedirs(f"{local}/loader", exist_ok=True)
+    os.makedirs(f"{local}/rng", exist_ok=True)
+    ckpt.write_json(f"{local}/loader/rank_{rank}.json", loader.state_dict())
+    ckpt.write_json(f"{local}/rng/rank_{rank}.json", ckpt.rng_state())
+    state_dict = strategy.consolidated_state_dict(engine) if cfg.train.export_hf_in_checkpoints else None
+    if rank == 0:
+        ckpt.write_json(f"{local}/trainer_state.json", {"step": result.step, "losses": result.losses,
+                                                        "epoch": loader.epoch, "world_size": world})
+        if state_dict is not None:
+            engine.module.save_pretrained(f"{local}/hf", state_dict=state_dict, safe_serialization=True)
+            processor.save_pretrained(f"{local}/hf")
+    if remote:  # each rank uploads what it wrote; a failed upload fails the step before any marker
+        fs_, p = fs.get_fs(final)
+        fs_.put(local + "/", p + "/", recursive=True)
+        shutil.rmtree(local, ignore_errors=True)
+    _barrier(world)
+    if rank == 0:
+        ckpt.write_marker(final, result.step, world)
+        ckpt.prune(storage, run, cfg.train.keep_checkpoints)
+    _barrier(world)
+    return final
+
+
+def worker_entry(config: dict[str, Any]) -> None:
+    """Ray Train's train_loop_per_worker."""
+    import ray.train
+
+    cfg = to_typed(config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    progress = config.get("progress")
+
+    def on_step(m: dict) -> None:
+        if progress is not None:
+            try:
+                progress.put_nowait(m)
+            except Exception:
+                pass
+
+    def on_checkpoint(step: int, path: str, metrics: dict) -> None:
+        # Ray gets a pointer checkpoint (our folder is the real one): cheap, and resume stays ours.
+        with tempfile.TemporaryDirectory() as tmp:
+            with open(os.path.join(tmp, "pointer.txt"), "w") as f:
+                f.write(path)
+            chk = ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None
+            ray.train.report({"step": step, "loss": metrics["loss"], "checkpoint_uri": path}, checkpoint=chk)
+
+    result = run_training(cfg, rank, world, run_id=config.get("run_id"), on_step=on_step, on_checkpoint=on_checkpoint)
+    if rank == 0 and progress is not None:
+        progress.put_nowait({"done": True, "losses": result.losses, "skipped": result.skipped,
+                             "checkpoints": result.checkpoints, "resumed_from": result.resumed_from})

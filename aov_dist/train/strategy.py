@@ -1,0 +1,132 @@
+"""The one module that talks to DeepSpeed: config generation, model construction under zero.Init,
+engine creation with per-group learning rates and our schedules, save/load, consolidated weights."""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from aov_dist.config import TrainJobConfig, micro_steps_per_step
+
+
+def lr_factor(schedule: str, step: int, total_steps: int, steps_per_epoch: int, restart_every_epochs: float,
+              warmup_ratio: float, min_ratio: float = 0.0) -> float:
+    """Multiplier of the base learning rate at optimizer step ``step`` (0-based).
+
+    cosine_restarts: cosine from 1 to min_ratio, restarting every ``restart_every_epochs`` epochs
+    (stage 1: every half epoch). warmup_cosine: linear warm-up over warmup_ratio of the run, then
+    cosine to min_ratio (stage 2). constant: 1.
+    """
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine_restarts":
+        period = max(1, round(steps_per_epoch * restart_every_epochs))
+        phase = (step % period) / period
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * phase))
+    if schedule == "warmup_cosine":
+        warmup = math.ceil(total_steps * warmup_ratio)
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    raise ValueError(f"stage.schedule: unknown schedule {schedule!r}")
+
+
+class DeepSpeedStrategy:
+    def __init__(self, cfg: TrainJobConfig):
+        self.cfg = cfg
+        self.use_bf16 = cfg.deepspeed.precision == "bf16" or (cfg.deepspeed.precision == "auto" and cfg.cluster.use_gpu)
+        self._hf_ds_config = None  # must stay referenced while the model is built under zero.Init
+
+    @property
+    def zero3(self) -> bool:
+        return self.cfg.deepspeed.zero_stage == 3
+
+    def ds_config(self) -> dict[str, Any]:
+        c = self.cfg
+        zero: dict[str, Any] = {"stage": c.deepspeed.zero_stage}
+        if self.zero3:
+            zero["stage3_param_persistence_threshold"] = c.deepspeed.param_persistence_threshold
+            zero["stage3_gather_16bit_weights_on_model_save"] = True
+        if c.deepspeed.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu"}
+        if c.deepspeed.offload_params and self.zero3:
+            zero["offload_param"] = {"device": "cpu"}
+        return {
+            "train_batch_size": c.stage.global_batch_size,
+            "train_micro_batch_size_per_gpu": c.data.micro_batch_size,
+            "gradient_accumulation_steps": micro_steps_per_step(c),
+            "gradient_clipping": c.stage.grad_clip,
+            "zero_optimization": zero,
+            "bf16": {"enabled": self.use_bf16},
+            # our optimizer is torch's AdamW with per-group learning rates
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10**12,
+            "wall_clock_breakdown": False,
+        }
+
+    def build_model(self, build: Callable[[], tuple[nn.Module, Any]]) -> tuple[nn.Module, Any]:
+        """Run ``build`` so that under ZeRO-3 every parameter is partitioned as it is created
+        (transformers' HfDeepSpeedConfig turns on zero.Init): no rank holds the whole model."""
+        if self.zero3 and self.cfg.deepspeed.zero_init:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._hf_ds_config = HfDeepSpeedConfig(self.ds_config())
+        return build()
+
+    def initialize(self, model: nn.Module, groups: dict[str, list[nn.Parameter]], total_steps: int,
+                   steps_per_epoch: int):
+        """DeepSpeed engine over AdamW with one param group per stage group and its own lr."""
+        import deepspeed
+
+        st = self.cfg.stage
+        param_groups = [{"params": params, "lr": st.lr[name], "name": name, "weight_decay": st.weight_decay}
+                        for name, params in groups.items()]
+        optimizer = torch.optim.AdamW(param_groups, lr=max(st.lr.values()), weight_decay=st.weight_decay)
+
+        def schedule(opt):
+            fn = lambda step: lr_factor(st.schedule, step, total_steps, steps_per_epoch, st.restart_every_epochs,
+                                        st.warmup_ratio, st.min_lr_ratio)
+            return torch.optim.lr_scheduler.LambdaLR(opt, fn)
+
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
+                                               config=self.ds_config())
+        return engine
+
+    @staticmethod
+    def group_lrs(engine) -> dict[str, float]:
+        return {g.get("name", str(i)): g["lr"] for i, g in enumerate(engine.optimizer.param_groups)}
+
+    @staticmethod
+    def save(engine, directory: str) -> None:
+        """Every rank writes its own partitions (collective)."""
+        engine.save_checkpoint(directory, tag="state", save_latest=False)
+
+    @staticmethod
+    def load(engine, directory: str) -> None:
+        path, _ = engine.load_checkpoint(directory, tag="state", load_module_strict=True,
+                                         load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint state under {directory!r}")
+
+    def consolidated_state_dict(self, engine) -> Optional[dict[str, torch.Tensor]]:
+        """Full weights on rank 0 (collective under ZeRO-3; None on other ranks)."""
+        if self.zero3:
+            return engine._zero3_consolidated_16bit_state_dict()
+        if engine.global_rank == 0:
+            return {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+        return None
+
+    @contextlib.contextmanager
+    def gathered(self, module: nn.Module):
+        """Full parameters of ``module`` on every rank for a read-only use (e.g. a probe forward)."""
+        if not self.zero3:
+            yield
+            return
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters())):
+            yield
