@@ -45,6 +45,28 @@ $(SYNTH_DIR)/shards/manifest.json:
 	  --image-root $(SYNTH_DIR)/train/images --out $(SYNTH_DIR)/shards --shard-size-mb 2 --on-error fail --overwrite
 	$(PY) -m aov_dist.data.cli inspect $(SYNTH_DIR)/shards
 
+# ---- the main job and its parts ----
+TRAIN_ARGS ?= stage.global_batch_size=16 data.micro_batch_size=8 stage.max_steps=30 train.checkpoint_every_steps=10
+train: shards
+	$(PY) -m aov_dist.train $(TRAIN_ARGS)
+
+eval: shards
+	$(PY) -m aov_dist.eval num_workers=2 checkpoint_root=ray_results $(EVAL_ARGS)
+
+export: setup
+	$(PY) -m aov_dist.train.export $(EXPORT_ARGS)  # EXPORT_ARGS="<step or run folder> <out dir>"
+
+demo: shards
+	$(PY) -m aov_dist.demo --out demo_out
+
+# The MLflow UI on loopback only; MLFLOW_DB picks the store (the demo's by default when present).
+MLFLOW_DB ?= $(if $(wildcard demo_out/mlflow.db),demo_out/mlflow.db,mlflow.db)
+mlflow-ui: setup
+	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///$(MLFLOW_DB)
+
+bench: shards
+	$(PY) benchmarks/bench_loader.py
+
 # ---- cluster: Ray job submission, KubeRay manifests, a 2-node Ray cluster on this machine ----
 # NODES: cluster.nodes; CLUSTER: conf/cluster/<preset>.yaml; ARGS: Hydra overrides for the job;
 # SUBMIT_ARGS: options of launch/submit.py itself (--dry-run, --env KEY=VALUE, --submission-id ID)
@@ -77,4 +99,4 @@ multinode-demo: setup
 	$(PY) -m pytest tests/test_multinode.py -m slow -v -rs $(PYTEST_ARGS)
 
 clean:
-	rm -rf mlruns mlflow.db ray_results outputs data_shards/synthetic data_shards/*.tar data_shards/manifest.json .pytest_cache
+	rm -rf mlruns mlartifacts mlflow.db ray_results outputs demo_out data_shards/synthetic .pytest_cache k8s/rendered

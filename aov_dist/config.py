@@ -52,6 +52,10 @@ def to_typed(cfg: DictConfig | TrainJobConfig | dict[str, Any]) -> TrainJobConfi
     if isinstance(cfg, TrainJobConfig):
         return cfg
     try:
+        # via a plain container: a typed node merged into a typed node would silently drop keys
+        # that a forced '+key=' override added, instead of failing on them
+        if isinstance(cfg, DictConfig):
+            cfg = OmegaConf.to_container(cfg, resolve=True)
         merged = OmegaConf.merge(OmegaConf.structured(TrainJobConfig), cfg)
         return OmegaConf.to_object(merged)
     except Exception as e:  # omegaconf's errors carry full_key; surface it first
@@ -82,12 +86,22 @@ def validate(cfg: DictConfig | TrainJobConfig | dict[str, Any]) -> TrainJobConfi
     if not c.stage.lr:
         raise ConfigError("stage.lr", "give a learning rate per trainable group, e.g. {expert: 1e-4}")
     expected = {"stage1": {"expert"}, "stage2": {"projector", "llm"}}[c.stage.name]
-    if set(c.stage.lr) != expected:
-        raise ConfigError("stage.lr", f"{c.stage.name} trains the groups {sorted(expected)}, got {sorted(c.stage.lr)}")
+    # stage 1 may also train a tower that has no pretrained weights (the tiny demo preset)
+    optional = {"vision_tower"} if c.stage.name == "stage1" and not c.model.pretrained_path else set()
+    if not expected <= set(c.stage.lr) <= expected | optional:
+        raise ConfigError("stage.lr", f"{c.stage.name} trains the groups {sorted(expected)}"
+                          + (f" (optionally {sorted(optional)})" if optional else "") + f", got {sorted(c.stage.lr)}")
     if c.stage.epochs <= 0 and c.stage.max_steps <= 0:
         raise ConfigError("stage.epochs", "must be > 0 (or set stage.max_steps)")
     if not 0.0 <= c.stage.warmup_ratio < 1.0:
         raise ConfigError("stage.warmup_ratio", f"must be in [0, 1), got {c.stage.warmup_ratio}")
+    if c.stage.name == "stage2" and c.stage.require_init and not (
+            c.stage.init_from or c.model.expert_path or c.model.pretrained_path):
+        raise ConfigError("stage.init_from", "stage2 needs trained expert weights: a stage-1 checkpoint "
+                          "(step folder or its hf/), an expert .pth, or model.pretrained_path / model.expert_path "
+                          "(or stage.require_init=false for a random expert)")
+    if c.stage.max_steps == 0 or c.stage.max_steps < -1:
+        raise ConfigError("stage.max_steps", f"must be -1 (whole epochs) or >= 1, got {c.stage.max_steps}")
     if c.deepspeed.zero_stage not in (2, 3):
         raise ConfigError("deepspeed.zero_stage", f"must be 2 or 3, got {c.deepspeed.zero_stage}")
     if c.deepspeed.precision not in ("auto", "fp32", "bf16"):

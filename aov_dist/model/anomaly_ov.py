@@ -242,15 +242,21 @@ class AnomalyOVForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
         return inputs
 
     # ---------------------------------------------------------------- stages
-    def stage_parameter_groups(self, stage: str | int) -> dict[str, list[nn.Parameter]]:
+    def stage_parameter_groups(self, stage: str | int, train_vision_tower: bool = False) -> dict[str, list[nn.Parameter]]:
         """Trainable parameter groups of a stage; sets requires_grad (everything else frozen).
 
         stage1: {"expert"}. stage2: {"projector" (projector + image_newline), "llm" (language model
         + LM head)}; the vision tower and the expert stay frozen.
+        ``train_vision_tower`` adds a "vision_tower" group to stage 1: only for towers without
+        pretrained weights (the random-init tiny preset of the demo), never for released SigLIP.
         """
         name = f"stage{stage}" if isinstance(stage, int) else str(stage)
         if name == "stage1":
             groups = {"expert": list(self.expert.parameters())}
+            if train_vision_tower:
+                # the layers the expert reads; the unused post-layernorm would get no gradient
+                groups["vision_tower"] = [p for n, p in self.model.vision_tower.named_parameters()
+                                          if "post_layernorm" not in n and ".head." not in n]
         elif name == "stage2":
             groups = {
                 "projector": [*self.model.multi_modal_projector.parameters(), self.model.image_newline],

@@ -19,12 +19,13 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+from omegaconf import OmegaConf
 
 from aov_dist.config import TrainJobConfig, micro_steps_per_step, to_typed
 from aov_dist.data import fs
 from aov_dist.train import checkpoint as ckpt
 from aov_dist.train.strategy import DeepSpeedStrategy
-from aov_dist.train.tasks import make_task, model_config_for
+from aov_dist.train.tasks import make_task
 
 log = logging.getLogger(__name__)
 
@@ -56,26 +57,38 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
+def _model_numel(model: torch.nn.Module) -> int:
+    # under ZeRO-3 a partitioned parameter is empty locally; ds_numel keeps its full size
+    return sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())
+
+
 def run_training(cfg: TrainJobConfig, rank: int, world: int, run_id: Optional[str] = None,
                  on_step: Optional[Callable[[dict], None]] = None,
-                 on_checkpoint: Optional[Callable[[int, str, dict], None]] = None) -> LoopResult:
-    """Train until the stage's last step. Needs torch.distributed initialised when world > 1."""
+                 on_checkpoint: Optional[Callable[[int, str, dict], None]] = None,
+                 task: Any = None, stop_after: Optional[int] = None,
+                 on_end: Optional[Callable[[Any, Any, Any], None]] = None) -> LoopResult:
+    """Train until the stage's last step. Needs torch.distributed initialised when world > 1.
+
+    ``task`` defaults to the stage's (tasks.make_task). ``stop_after`` ends the loop after that
+    step, as a job killed right after its checkpoint would (tests of resume).
+    ``on_end(strategy, engine, processor)`` runs on every rank after the last step (collective use
+    allowed, e.g. a probe forward under ``strategy.gathered``).
+    """
     import deepspeed
 
-    from aov_dist.data.stream import build_loader
-    from aov_dist.model import build_model
     from aov_dist.tracking.mlflow_tracker import CHECKPOINT_TAG, make_tracker
 
+    quiet_library_warnings()
     deepspeed.init_distributed(dist_backend=cfg.cluster.backend, verbose=False)
     seed_everything(cfg.train.seed)
-    task = make_task(cfg.stage.name)
+    task = task or make_task(cfg.stage.name)
     strategy = DeepSpeedStrategy(cfg)
-    model, processor = strategy.build_model(lambda: build_model(model_config_for(cfg)))
-    groups = model.stage_parameter_groups(cfg.stage.name)
+    model, processor = strategy.build_model(lambda: task.build_model(cfg))
+    groups = model.stage_parameter_groups(cfg.stage.name, train_vision_tower="vision_tower" in cfg.stage.lr)
+    n_params = _model_numel(model)
 
     accum = micro_steps_per_step(cfg)
-    loader = build_loader(cfg.data, rank, world, transform=task.transform(processor, cfg), collate=processor.collate,
-                          stage=cfg.stage.name)
+    loader = task.build_loader(cfg, processor, rank, world)
     steps_per_epoch = max(1, loader.batches_per_epoch // accum)
     total = cfg.stage.max_steps if cfg.stage.max_steps > 0 else max(1, math.floor(cfg.stage.epochs * steps_per_epoch))
     engine = strategy.initialize(model, groups, total, steps_per_epoch)
@@ -119,6 +132,9 @@ def run_training(cfg: TrainJobConfig, rank: int, world: int, run_id: Optional[st
             metrics["grad_norm"] = float(norm)
         metrics.update({f"lr/{k}": v for k, v in strategy.group_lrs(engine).items()})
         metrics.update({f"data/skipped_{k}": v for k, v in loader.skipped.items()})
+        mfu = _mfu(cfg, n_params, metrics["tokens_per_s"], world)
+        if mfu is not None:
+            metrics["mfu"] = mfu
         if rank == 0 and result.step % cfg.train.log_every_steps == 0:
             tracker.log_metrics(metrics, result.step)
         if on_step and rank == 0:
@@ -130,9 +146,30 @@ def run_training(cfg: TrainJobConfig, rank: int, world: int, run_id: Optional[st
                 tracker.set_tag(f"{CHECKPOINT_TAG}{result.step}", path)
             if on_checkpoint:
                 on_checkpoint(result.step, path, metrics)
+        if stop_after is not None and result.step >= stop_after:
+            break
+    if on_end is not None:
+        on_end(strategy, engine, processor)
     result.skipped = dict(loader.skipped)
     tracker.close()
     return result
+
+
+def _mfu(cfg: TrainJobConfig, n_params: int, tokens_per_s: float, world: int) -> Optional[float]:
+    """Model FLOPs utilisation (6 N flops per token: forward + backward), GPU runs only: on CPU
+    there is no meaningful peak to divide by."""
+    peak = cfg.train.peak_flops_per_device
+    if not (cfg.cluster.use_gpu and peak > 0 and tokens_per_s > 0):
+        return None
+    return 6.0 * n_params * tokens_per_s / (peak * world)
+
+
+def quiet_library_warnings() -> None:
+    """torch.distributed deprecation notices fire on every ZeRO collective: keep the logs readable."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.distributed")
 
 
 def _restore(strategy, engine, loader, path: str, rank: int, result: LoopResult) -> None:
@@ -171,6 +208,8 @@ def _save(cfg: TrainJobConfig, strategy, engine, processor, loader, result: Loop
     if rank == 0:
         ckpt.write_json(f"{local}/trainer_state.json", {"step": result.step, "losses": result.losses,
                                                         "epoch": loader.epoch, "world_size": world})
+        # the job's resolved config: aov-export rebuilds the model from it (no hf/ needed)
+        fs.write_bytes(f"{local}/{ckpt.CONFIG_FILE}", OmegaConf.to_yaml(OmegaConf.structured(cfg)).encode())
         if state_dict is not None:
             engine.module.save_pretrained(f"{local}/hf", state_dict=state_dict, safe_serialization=True)
             processor.save_pretrained(f"{local}/hf")

@@ -1,0 +1,411 @@
+"""GPU benchmark: stage-2 training steps of Anomaly-OV, tokens/s, samples/s, peak memory and MFU.
+
+Runs on one CUDA device with only torch, transformers and Pillow installed (numpy, tokenizers and
+huggingface_hub come with transformers; Pillow does not, and aov_dist.model's processor and the
+PIL image processor import it): it imports `aov_dist.model` from this checkout, nothing else.
+    pip install torch==2.13.0 transformers==5.24.0 pillow==13.0.0   # flash-attn optional
+
+What a step is: the preset (default ``aov_0.5b``) built with random init directly on the device
+(no download), stage-2 trainable groups (projector + image_newline + LLM and LM head; vision tower
+and expert frozen), AdamW (fused on CUDA) over those groups, and per step
+``model(**batch).loss.backward(); optimizer.step(); zero_grad()``. Every sample holds one image at
+a 2 x 2 AnyRes grid (an image of 2x2 base views, so 5 SigLIP views) and ``--seq-len`` text tokens
+(synthetic ids; the tiny local tokenizer lays out the chat text, the vocabulary is the preset's,
+so the LM head costs what it costs in the real model). Parameters are held in ``--dtype`` and
+AdamW keeps its state in that dtype too (no fp32 master copy as DeepSpeed bf16 keeps, so peak
+memory is lower than a DeepSpeed run; the FLOPs are the same).
+
+Model FLOPs per sample (stated again in the output; recomputation from --grad-ckpt is not counted,
+as is the MFU convention):
+
+    6 * N_llm * S                  LLM matmul weights (decoder linears + LM head), fwd 2N + bwd 4N per token
+  + 12 * L * H * S^2               LLM attention, fwd + bwd, full S^2 (PaLM / nanoGPT convention, no causal halving)
+  + 6 * N_proj * P                 projector over its P tokens (visual + anomaly tokens), trainable
+  + 2 * N_vis * V * T              vision tower forward (linears + patch conv), frozen, V views of T tokens
+  + 4 * L_v * D_v * T^2 * V        vision attention forward
+  + 2 * N_exp * V * T              expert forward: its per-token linears (4 level adaptors + key projection)
+
+with S = LLM sequence length (text + image tokens), L, H = LLM layers and attention width
+(heads x head_dim), L_v, D_v the same for SigLIP. Frozen parts count forward only (no gradients are
+formed for them). The projector's first layer skips its input gradient (6N overcounts by < 0.1 %);
+the expert's per-view matmuls beyond its per-token linears are left out (< 0.01 %).
+
+MFU = (model FLOPs per step / step time) / peak, where the peak is MEASURED: the best of several
+timed ``--matmul-size``^3 matmuls in ``--dtype`` on the device (or ``--peak-tflops`` if given).
+
+    python benchmarks/gpu_mfu.py                       # aov_0.5b, bf16, cuda; flash-attn and SDPA rows
+    python benchmarks/gpu_mfu.py --batch-size 8 --seq-len 512 --attn sdpa
+    python benchmarks/gpu_mfu.py --toy                 # tiny preset, fp32, CPU, 3 steps (the test's path)
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+# Run as a script from anywhere: import the package of this checkout (no install needed).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch import nn  # noqa: E402
+
+from aov_dist.model.anomaly_ov import AnomalyOVForConditionalGeneration  # noqa: E402
+from aov_dist.model.layout import crop_grid, num_views  # noqa: E402
+from aov_dist.model.presets import build_config, preset_dims, resolve_dtype, tiny_processor  # noqa: E402
+from aov_dist.model.processor import AnomalyOVProcessor  # noqa: E402
+from aov_dist.model.tokenizer import DETECTION_PROMPT  # noqa: E402
+
+GRID = (2, 2)  # AnyRes crop grid of every benchmark image
+TABLE_COLUMNS = ("attn", "tokens/s", "samples/s", "step_ms", "TFLOP/s", "peak_TFLOP/s", "MFU_%", "peak_mem_GiB")
+FLOP_FORMULA = (
+    "FLOPs/sample = 6*N_llm*S + 12*L*H*S^2 + 6*N_proj*P + 2*N_vis*V*T + 4*L_v*D_v*T^2*V + 2*N_exp*V*T"
+)
+
+
+# ------------------------------------------------------------------------------------------ FLOPs
+@dataclass(frozen=True)
+class FlopModel:
+    """Model sizes the FLOP formula needs (matmul weights only: embeddings and norms do no matmuls)."""
+
+    llm_matmul_params: int  # N_llm: decoder-layer linear weights + LM head (vocab x hidden, tied or not)
+    llm_layers: int  # L
+    llm_attn_width: int  # H = heads x head_dim
+    projector_params: int  # N_proj
+    vision_matmul_params: int  # N_vis: tower linears + patch-embedding conv
+    vision_layers: int  # L_v
+    vision_attn_width: int  # D_v
+    expert_token_params: int  # N_exp: expert linears applied to every token of a view
+
+
+@dataclass(frozen=True)
+class SampleShape:
+    seq_len: int  # S: LLM tokens of one sample (text + visual + inserted text + anomaly tokens)
+    views: int  # V: SigLIP views of the sample (base + crops)
+    view_tokens: int  # T: patch tokens per view (729 at 384 px / patch 14)
+    projected_tokens: int  # P: tokens through the projector (V*T visual + anomaly tokens)
+
+
+def train_flops_per_sample(fm: FlopModel, shape: SampleShape) -> dict[str, int]:
+    """The terms of the module docstring's formula (integers, FLOPs) and their "total"."""
+    s, v, t = shape.seq_len, shape.views, shape.view_tokens
+    terms = {
+        "llm_matmul": 6 * fm.llm_matmul_params * s,
+        "llm_attention": 12 * fm.llm_layers * fm.llm_attn_width * s * s,
+        "projector": 6 * fm.projector_params * shape.projected_tokens,
+        "vision_matmul": 2 * fm.vision_matmul_params * v * t,
+        "vision_attention": 4 * fm.vision_layers * fm.vision_attn_width * t * t * v,
+        "expert": 2 * fm.expert_token_params * v * t,
+    }
+    terms["total"] = sum(terms.values())
+    return terms
+
+
+def _matmul_weights(module: nn.Module) -> int:
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+
+
+def flop_model(model: AnomalyOVForConditionalGeneration) -> FlopModel:
+    cfg = model.config
+    text, vision = cfg.text_config, cfg.vision_config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    expert = model.expert
+    return FlopModel(
+        llm_matmul_params=_matmul_weights(model.model.language_model) + model.lm_head.weight.numel(),
+        llm_layers=text.num_hidden_layers,
+        llm_attn_width=text.num_attention_heads * head_dim,
+        projector_params=_matmul_weights(model.model.multi_modal_projector),
+        vision_matmul_params=_matmul_weights(model.model.vision_tower),
+        vision_layers=vision.num_hidden_layers,
+        vision_attn_width=vision.hidden_size,
+        expert_token_params=_matmul_weights(expert.siglip_adaptors) + expert.q_former.key_proj.weight.numel(),
+    )
+
+
+def count_step_flops(model: nn.Module, batch: dict[str, torch.Tensor]) -> int:
+    """FLOPs of one forward + backward as torch's FlopCounterMode counts them (matmuls, convs and
+    SDPA kernels it knows; flash-attn's own kernels and CPU fused SDPA are invisible to it: use
+    attn 'eager' for a full count). A cross-check of the formula, not used for MFU."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(**batch).loss.backward()
+    model.zero_grad(set_to_none=True)
+    return int(counter.get_total_flops())
+
+
+# ----------------------------------------------------------------------------------------- inputs
+def benchmark_processor(preset: str) -> AnomalyOVProcessor:
+    """The preset's image processor and token layout with the tiny local tokenizer (ids < 1024)."""
+    return tiny_processor(preset_dims(preset))
+
+
+def make_batch(
+    processor: AnomalyOVProcessor, vocab_size: int, batch_size: int, text_len: int, seed: int = 0
+) -> tuple[dict[str, torch.Tensor], SampleShape]:
+    """`batch_size` samples of one 2x2-grid image and exactly `text_len` text tokens each.
+
+    The processor lays out a detection question and answer (the real token layout: visual, the
+    inserted "with <adv> suspicious features: ", anomaly tokens); the text is then lengthened with
+    random ids over the model vocabulary, as training targets, up to `text_len` tokens that are not
+    filled from the image (token_type 0)."""
+    layout = processor.layout
+    side = layout.image_size * GRID[0]
+    if crop_grid(layout, side, side) != GRID:
+        raise RuntimeError(f"a {side}x{side} image gives grid {crop_grid(layout, side, side)}, expected {GRID}")
+    rng = np.random.default_rng(seed)
+    image = Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8))
+    conversation = [{"from": "human", "value": f"<image>\n{DETECTION_PROMPT}"}, {"from": "gpt", "value": "Yes."}]
+    sample = processor.encode_conversation([image], conversation, max_length=1 << 20, sample_id="gpu_mfu")
+    have = int((sample["token_type"] == 0).sum())
+    if text_len < have:
+        raise ValueError(f"--seq-len {text_len}: the chat layout alone holds {have} text tokens; use at least {have}")
+    gen = torch.Generator().manual_seed(seed)
+    extra = torch.randint(0, vocab_size, (text_len - have,), generator=gen)
+    sample["input_ids"] = torch.cat([sample["input_ids"], extra])
+    sample["labels"] = torch.cat([sample["labels"], extra])
+    sample["token_type"] = torch.cat([sample["token_type"], torch.zeros(len(extra), dtype=sample["token_type"].dtype)])
+    batch = processor.collate([sample] * batch_size)
+    views = num_views(GRID)
+    anomaly = int((sample["token_type"] == 3).sum())
+    grid = layout.grid
+    shape = SampleShape(seq_len=len(sample["input_ids"]), views=views, view_tokens=grid * grid,
+                        projected_tokens=views * grid * grid + anomaly)
+    return batch, shape
+
+
+# -------------------------------------------------------------------------------------- the model
+def build_benchmark_model(
+    preset: str, vocab_size: int, adverb_ids: list[int], attn: str, device: torch.device, dtype: torch.dtype,
+    seed: int = 0, grad_ckpt: bool = False,
+) -> AnomalyOVForConditionalGeneration:
+    """Random init, constructed on `device` (no host copy of the weights)."""
+    config = build_config(preset, {"vocab_size": vocab_size}, adverb_token_ids=adverb_ids)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AnomalyOVForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation=attn)
+    model.to(device)  # a no-op when construction honoured the device context
+    if grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.train()
+
+
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 10, inner: int = 10) -> float:
+    """Best achieved FLOP/s of an n x n x n matmul (2 n^3 FLOPs), `inner` back-to-back per timing."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    best = math.inf
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(inner):
+            a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 * inner / best
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux: process max RSS
+
+
+@dataclass
+class BenchResult:
+    attn: str
+    tokens_per_s: float
+    samples_per_s: float
+    step_ms: float
+    achieved_tflops: float
+    peak_tflops: float
+    mfu_pct: float
+    peak_mem_gib: float
+    final_loss: float
+    counted_flops_per_step: int | None = None  # FlopCounterMode cross-check (--check-flops)
+
+    def row(self) -> tuple[str, ...]:
+        return (self.attn, f"{self.tokens_per_s:.1f}", f"{self.samples_per_s:.3f}", f"{self.step_ms:.1f}",
+                f"{self.achieved_tflops:.4g}", f"{self.peak_tflops:.4g}", f"{self.mfu_pct:.2f}",
+                f"{self.peak_mem_gib:.2f}")
+
+
+def run_one(args: argparse.Namespace, attn: str, processor: AnomalyOVProcessor, vocab_size: int,
+            batch: dict[str, torch.Tensor], step_flops: int, peak: float, device: torch.device,
+            dtype: torch.dtype) -> BenchResult:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    model = build_benchmark_model(args.preset, vocab_size, processor.adverb_token_ids, attn, device, dtype,
+                                  seed=args.seed, grad_ckpt=args.grad_ckpt)
+    groups = model.stage_parameter_groups("stage2")
+    optimizer = torch.optim.AdamW([{"params": params} for params in groups.values()], lr=1e-5,
+                                  fused=device.type == "cuda")
+    counted = count_step_flops(model, batch) if args.check_flops else None
+
+    def step() -> torch.Tensor:
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    for _ in range(args.warmup):
+        step()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        loss = step()
+    _sync(device)
+    elapsed = time.perf_counter() - start
+    final_loss = float(loss)
+    if not math.isfinite(final_loss):
+        raise RuntimeError(f"attn={attn}: training loss is {final_loss} after {args.warmup + args.steps} steps")
+    peak_mem = _peak_memory_gib(device)
+    del model, optimizer, groups
+    gc.collect()
+    seq = batch["input_ids"].shape[1]
+    per_step = elapsed / args.steps
+    achieved = step_flops / per_step
+    return BenchResult(
+        attn=attn, tokens_per_s=args.batch_size * seq / per_step, samples_per_s=args.batch_size / per_step,
+        step_ms=per_step * 1e3, achieved_tflops=achieved / 1e12, peak_tflops=peak / 1e12,
+        mfu_pct=100 * achieved / peak, peak_mem_gib=peak_mem, final_loss=final_loss, counted_flops_per_step=counted,
+    )
+
+
+# ------------------------------------------------------------------------------------------- CLI
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--toy", action="store_true", help="tiny preset, fp32, CPU, 3 steps: the same code path on a CPU")
+    p.add_argument("--preset", default=None, help="model preset (default aov_0.5b; tiny with --toy)")
+    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default cuda; cpu with --toy)")
+    p.add_argument("--dtype", default=None, help="bf16 / fp16 / fp32 (default bf16; fp32 with --toy)")
+    p.add_argument("--attn", default="both", choices=["both", "flash_attention_2", "sdpa", "eager"],
+                   help="both = flash_attention_2 and sdpa rows when flash_attn imports, else sdpa only")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 20; 3 with --toy)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed warm-up steps (default 3; 1 with --toy)")
+    p.add_argument("--batch-size", type=int, default=None, help="samples per step (default 4; 1 with --toy)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="text tokens per sample; the image's tokens come on top (default 384; 64 with --toy)")
+    p.add_argument("--matmul-size", type=int, default=None,
+                   help="n of the n^3 peak matmul (default 8192; 256 with --toy)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="use this peak instead of measuring one")
+    p.add_argument("--grad-ckpt", action="store_true",
+                   help="activation checkpointing (recompute is not in model FLOPs)")
+    p.add_argument("--check-flops", action="store_true", help="also count one step's FLOPs with FlopCounterMode")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    args = p.parse_args(argv)
+    defaults = dict(preset="tiny", device="cpu", dtype="fp32", steps=3, warmup=1, batch_size=1, seq_len=64,
+                    matmul_size=256) if args.toy else \
+        dict(preset="aov_0.5b", device="cuda", dtype="bf16", steps=20, warmup=3, batch_size=4, seq_len=384,
+             matmul_size=8192)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for key in ("steps", "batch_size", "seq_len", "matmul_size"):
+        if getattr(args, key) < 1:
+            raise SystemExit(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
+    if args.warmup < 0:
+        raise SystemExit(f"--warmup must be >= 0, got {args.warmup}")
+    return args
+
+
+def attn_rows(requested: str, device: torch.device) -> tuple[list[str], str | None]:
+    """The attention implementations to time, and a note when flash-attn had to be left out."""
+    if requested != "both":
+        return [requested], None
+    if device.type != "cuda":
+        return ["sdpa"], "flash-attn needs CUDA: SDPA row only"
+    try:
+        import flash_attn  # noqa: F401
+    except Exception as exc:  # not installed, or built against another torch/CUDA
+        return ["sdpa"], f"flash_attn not importable ({type(exc).__name__}: {exc}): SDPA row only"
+    return ["flash_attention_2", "sdpa"], None
+
+
+def format_table(results: list[BenchResult]) -> str:
+    rows = [TABLE_COLUMNS, *(r.row() for r in results)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_COLUMNS))]
+    lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |" for row in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[BenchResult]:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device visible (use --toy for the CPU path)")
+    dtype = resolve_dtype(args.dtype)
+    attns, note = attn_rows(args.attn, device)
+
+    processor = benchmark_processor(args.preset)
+    dims = preset_dims(args.preset)
+    vocab_size = dims["vocab_size"] or len(processor.tokenizer)
+    try:
+        batch, shape = make_batch(processor, vocab_size, args.batch_size, args.seq_len, seed=args.seed)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    batch = {k: v.to(device) for k, v in batch.items()}
+    batch["pixel_values"] = batch["pixel_values"].to(dtype)
+    with torch.device("meta"):  # sizes for the formula without building the weights twice
+        fm = flop_model(AnomalyOVForConditionalGeneration(build_config(args.preset, {"vocab_size": vocab_size})))
+    terms = train_flops_per_sample(fm, shape)
+    step_flops = terms["total"] * args.batch_size
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else matmul_peak_flops(device, dtype, args.matmul_size)
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"device: {name} | torch {torch.__version__} | preset {args.preset} | {args.dtype} | "
+          f"batch {args.batch_size} | steps {args.steps} (+{args.warmup} warm-up) | grad_ckpt {args.grad_ckpt}")
+    print(f"sample: 1 image at a {GRID[0]}x{GRID[1]} AnyRes grid ({shape.views} views x {shape.view_tokens} tokens), "
+          f"{args.seq_len} text tokens, LLM sequence S = {shape.seq_len}, "
+          f"projector tokens P = {shape.projected_tokens}")
+    print(f"sizes: {json.dumps(asdict(fm))}")
+    print(FLOP_FORMULA)
+    print("  (fwd+bwd 6N for trainable weights, fwd-only 2N for the frozen tower and expert; attention: full S^2)")
+    print("FLOPs/sample by term: " + ", ".join(f"{k} {v:.4g}" for k, v in terms.items()))
+    peak_how = "given by --peak-tflops" if args.peak_tflops else \
+        f"measured: best {args.matmul_size}^3 {args.dtype} matmul"
+    print(f"peak: {peak / 1e12:.4g} TFLOP/s ({peak_how})")
+    if device.type != "cuda":
+        print("note: CPU run: peak_mem_GiB is the process max RSS, not device memory")
+    if note:
+        print(f"note: {note}")
+
+    results = []
+    for attn in attns:
+        result = run_one(args, attn, processor, vocab_size, batch, step_flops, peak, device, dtype)
+        results.append(result)
+        counted = "" if result.counted_flops_per_step is None else \
+            f", FlopCounterMode {result.counted_flops_per_step:.4g} vs formula {step_flops:.4g} FLOPs/step" + \
+            (" (flash-attn kernels not counted)" if attn == "flash_attention_2" else "")
+        print(f"{attn}: final loss {result.final_loss:.4f}{counted}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "sizes": asdict(fm), "shape": asdict(shape),
+                                               "flops_per_sample": terms, "results": [asdict(r) for r in results]},
+                                              indent=2))
+    print()
+    print(format_table(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()
