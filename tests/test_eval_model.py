@@ -71,3 +71,32 @@ def test_aov_eval_app_logs_to_mlflow(tiny_checkpoint, synthetic_data, tmp_path, 
     art = Path(run.info.artifact_uri.replace("file://", "")) / "eval"
     table = json.loads((art / "detection_samples.json").read_text())
     assert "reply" in table["columns"] and len(table["data"]) == 4
+    # pictures from the real model: the overlays hold the anomalous and normal images of the 4
+    pngs = {p.name for p in art.glob("*.png")}
+    assert pngs >= {"confusion_matrix.png", "anomaly_maps.png"}, pngs
+    labels = [row[table["columns"].index("anomaly")] for row in table["data"]]
+    assert ("roc_curve.png" in pngs) == (len(set(labels)) == 2)
+
+
+@pytest.mark.slow
+def test_backend_anomaly_maps_are_the_base_view_maps(tiny_checkpoint):
+    """The overlay's map of an image is its base view's map, whatever its crops and batch mates."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from aov_dist.eval.checkpoints import materialize
+    from aov_dist.eval.predictor import AnomalyOVBackend
+
+    backend = AnomalyOVBackend(materialize(tiny_checkpoint), device="cpu")
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in [(64, 128), (40, 40)]]
+    maps = backend.anomaly_maps(images)
+    grid = backend.model.expert.dims.grid
+    assert len(maps) == 2 and all(np.asarray(m).shape == (grid, grid) for m in maps)
+    for img, got in zip(images, maps):
+        enc = backend.processor.encode_images([img])
+        with torch.inference_mode():
+            alone = backend.model.expert_forward(enc.pixel_values, enc.image_grids).maps[0]
+        np.testing.assert_allclose(np.asarray(got), alone.numpy(), atol=1e-5)
+    assert not np.allclose(maps[0], maps[1])

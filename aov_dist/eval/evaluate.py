@@ -1,4 +1,4 @@
-"""One evaluation: benchmark -> distributed predictions -> metrics -> MLflow (metrics + tables)."""
+"""One evaluation: benchmark -> distributed predictions -> metrics -> MLflow (metrics, tables, pictures)."""
 from __future__ import annotations
 
 import json
@@ -8,8 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import numpy as np
+
 from aov_dist.eval import judge as judge_mod
-from aov_dist.eval.benchmark import COMPLEX, LOW_LEVEL, UNMARKED, load_benchmark
+from aov_dist.eval import plots
+from aov_dist.eval.benchmark import COMPLEX, LOW_LEVEL, UNMARKED, DetectionItem, load_benchmark, load_image
 from aov_dist.cluster.config import ClusterConfig
 from aov_dist.eval.config import EvalConfig
 from aov_dist.eval.metrics import detection_metrics, flatten, mean_or_none, rouge_l, sbert_cosine
@@ -26,6 +29,8 @@ class EvalResult:
     detection_rows: list[dict] = field(default_factory=list)
     reasoning_rows: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # anomaly-map overlays (driver side only: images + maps of a few detection records)
+    map_samples: list[plots.MapSample] = field(default_factory=list)
 
     def flat_metrics(self, prefix: str = "eval") -> dict[str, float]:
         return flatten(self.metrics, prefix)
@@ -66,12 +71,43 @@ def score_reasoning(rows: list[dict], cfg: EvalConfig, notes: list[str]) -> dict
     return groups
 
 
+def select_map_indices(items: list[DetectionItem], n_anomalous: int, n_normal: int) -> list[int]:
+    """Record indices of the first n_anomalous anomalous and first n_normal normal images, in file
+    order (anomalous first): the same pictures for every checkpoint, so they can be compared."""
+    anomalous = [it.index for it in items if it.anomaly][:n_anomalous]
+    normal = [it.index for it in items if not it.anomaly][:n_normal]
+    return anomalous + normal
+
+
+def _map_samples(rows: list[dict], order: list[int], root: str, max_image_side: int) -> list[plots.MapSample]:
+    """Pops ``anomaly_map`` out of every row (tables stay flat) and pairs the maps with their images."""
+    maps = {r["index"]: r.pop("anomaly_map") for r in rows if "anomaly_map" in r}
+    by_index = {r["index"]: r for r in rows}
+    out = []
+    for i in order:
+        if i not in maps:
+            continue
+        r = by_index[i]
+        try:
+            image = load_image(root, r["image"], max_image_side)
+            image.thumbnail((plots.MAP_PANEL_PX * 2, plots.MAP_PANEL_PX * 2))  # keep the driver light
+            score = r.get("expert_score")
+            caption = (f"#{i} {r['class']} {'anomalous' if r['anomaly'] else 'normal'}\n"
+                       f"expert {'-' if score is None else f'{score:.3f}'}, "
+                       f"answer {'Yes' if r['predicted_anomaly'] else 'No'}")
+            out.append(plots.MapSample(image=image, amap=np.asarray(maps[i], dtype=np.float32), caption=caption))
+        except Exception as e:  # noqa: BLE001 - pictures must never fail an evaluation
+            log.warning("overlay: record %d (%s) left out: %s: %s", i, r.get("image"), type(e).__name__, e)
+    return out
+
+
 def evaluate(cfg: EvalConfig, checkpoint: str, cluster: Optional[ClusterConfig] = None,
              backend_factory: Optional[Callable[[], Backend]] = None,
-             tracking_uri: Optional[str] = None) -> EvalResult:
+             tracking_uri: Optional[str] = None, with_maps: Optional[bool] = None) -> EvalResult:
     """Evaluate ``checkpoint`` (already resolved, see checkpoints.resolve) on cfg.benchmark.
 
-    ``tracking_uri`` lets workers download runs:/ and models:/ checkpoints.
+    ``tracking_uri`` lets workers download runs:/ and models:/ checkpoints. ``with_maps`` (default
+    cfg.plots) asks the workers for the expert maps of the overlay images (select_map_indices).
     """
     cluster = cluster or ClusterConfig()
     bench = load_benchmark(cfg.benchmark,
@@ -79,10 +115,13 @@ def evaluate(cfg: EvalConfig, checkpoint: str, cluster: Optional[ClusterConfig] 
                            cfg.reasoning_file if "reasoning" in cfg.tasks else None, cfg.limit)
     factory = backend_factory or anomaly_ov_factory(checkpoint, cfg.max_new_tokens, cluster.use_gpu,
                                                     tracking_uri)
+    with_maps = cfg.plots if with_maps is None else with_maps
+    map_indices = select_map_indices(bench.detection, cfg.map_anomalous, cfg.map_normal) if with_maps else []
     rows = run_distributed(bench, cfg.tasks, cfg.batch_size, cfg.num_workers, factory, cluster,
-                           cfg.max_image_side)
+                           cfg.max_image_side, map_indices)
     result = EvalResult(checkpoint=checkpoint, metrics={}, detection_rows=rows["detection"],
-                        reasoning_rows=rows["reasoning"])
+                        reasoning_rows=rows["reasoning"],
+                        map_samples=_map_samples(rows["detection"], map_indices, bench.root, cfg.max_image_side))
     if rows["detection"]:
         result.metrics["detection"] = score_detection(rows["detection"])
     if rows["reasoning"]:
@@ -95,8 +134,46 @@ def _columns(rows: list[dict]) -> dict[str, list]:
     return {k: [r.get(k) for r in rows] for k in keys}
 
 
-def log_result(client, run_id: str, result: EvalResult, step: Optional[int] = None) -> None:
-    """Metrics (eval/...) and the per-sample tables + full metrics JSON as artifacts of ``run_id``."""
+def _draw(out: dict[str, bytes], name: str, fn: Callable[..., bytes], *args: Any) -> None:
+    try:
+        out[name] = fn(*args)
+    except Exception as e:  # noqa: BLE001 - a picture never fails an evaluation
+        log.warning("%s not drawn: %s: %s", name, type(e).__name__, e)
+
+
+def render_plots(result: EvalResult) -> dict[str, bytes]:
+    """{file name: PNG bytes} of the pictures that can be drawn; each failure is a logged warning."""
+    out: dict[str, bytes] = {}
+    rows = result.detection_rows
+    if rows and all("anomaly" in r and "predicted_anomaly" in r for r in rows):
+        truth = [bool(r["anomaly"]) for r in rows]
+        _draw(out, "roc_curve.png", plots.roc_curve_png, truth, [r.get("expert_score") for r in rows])
+        _draw(out, "confusion_matrix.png", plots.confusion_matrix_png, truth,
+              [bool(r["predicted_anomaly"]) for r in rows], [str(r.get("class", "?")) for r in rows])
+    if result.map_samples:
+        _draw(out, "anomaly_maps.png", plots.anomaly_maps_png, result.map_samples)
+    return out
+
+
+def log_plots(client, run_id: str, result: EvalResult, artifact_path: str = "eval") -> list[str]:
+    """Pictures as artifacts of ``run_id``; returns the names logged. Never raises."""
+    try:
+        pictures = render_plots(result)
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, png in pictures.items():
+                path = Path(tmp) / name
+                path.write_bytes(png)
+                client.log_artifact(run_id, str(path), artifact_path=artifact_path)
+        return sorted(pictures)
+    except Exception as e:  # noqa: BLE001
+        log.warning("evaluation pictures not logged to run %s: %s: %s", run_id, type(e).__name__, e)
+        return []
+
+
+def log_result(client, run_id: str, result: EvalResult, step: Optional[int] = None,
+               pictures: bool = True) -> None:
+    """Metrics (eval/...), the per-sample tables, the full metrics JSON and (``pictures``) the
+    plots (roc_curve.png, confusion_matrix.png, anomaly_maps.png) as artifacts of ``run_id``."""
     flat = result.flat_metrics()
     for k, v in sorted(flat.items()):
         client.log_metric(run_id, k, v, step=step or 0)
@@ -109,4 +186,6 @@ def log_result(client, run_id: str, result: EvalResult, step: Optional[int] = No
         path.write_text(json.dumps({"checkpoint": result.checkpoint, "metrics": result.metrics,
                                     "notes": result.notes}, indent=2, default=str))
         client.log_artifact(run_id, str(path), artifact_path="eval")
+    if pictures:
+        log_plots(client, run_id, result)
     client.set_tag(run_id, "aov.eval.checkpoint", result.checkpoint)

@@ -7,7 +7,7 @@ mates, padding and therefore its reply do not depend on the number of workers.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Optional, Protocol, Sequence
+from typing import Any, Callable, Collection, Optional, Protocol, Sequence
 
 from PIL import Image
 
@@ -32,6 +32,10 @@ class Backend(Protocol):
 
     def image_scores(self, images: Sequence[Image.Image]) -> list[Optional[float]]:
         ...
+
+    # Optional (the predictor checks with hasattr): the expert's significance map of each image's
+    # base view, grid x grid, as nested lists (plain data: rows stay comparable and picklable).
+    # def anomaly_maps(self, images: Sequence[Image.Image]) -> list[list[list[float]]]: ...
 
 
 def first_question(question: str) -> str:
@@ -69,11 +73,29 @@ class AnomalyOVBackend:
         texts = self.processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         return [t.strip() for t in texts]
 
-    def image_scores(self, images):
+    def _expert(self, images):
         batch = self._batch(images, [[{"from": "human", "value": first_question(DETECTION_QUESTION)}]] * len(images))
         with self.torch.inference_mode():
-            out = self.model.expert_forward(batch["pixel_values"], batch["image_grids"])
+            return self.model.expert_forward(batch["pixel_values"], batch["image_grids"]), batch["image_grids"]
+
+    def image_scores(self, images):
+        out, _ = self._expert(images)
         return [float(s) for s in out.scores.float().cpu().reshape(-1)]
+
+    def anomaly_maps(self, images):
+        out, grids = self._expert(images)
+        return [m.tolist() for m in base_view_maps(out.maps, grids)]
+
+
+def base_view_maps(maps, image_grids) -> list:
+    """maps [V, g, g] of every view -> one [g, g] float32 CPU tensor per image: its base view, the
+    first view of each image (architecture.md section 3; view_index is the model's own layout)."""
+    from aov_dist.model.anomaly_ov import view_index
+
+    is_base = view_index(image_grids.cpu(), maps.device).is_base
+    if int(is_base.numel()) != maps.shape[0]:
+        raise ValueError(f"base_view_maps: {maps.shape[0]} maps but image_grids describe {is_base.numel()} views")
+    return list(maps[is_base].float().cpu())
 
 
 def absolute_tracking_uri(uri: Optional[str]) -> Optional[str]:
@@ -106,10 +128,26 @@ def anomaly_ov_factory(checkpoint: str, max_new_tokens: int, use_gpu: bool,
 
 
 class Predictor:
-    def __init__(self, backend_factory: Callable[[], Backend], root: str, max_image_side: int = 1024):
+    def __init__(self, backend_factory: Callable[[], Backend], root: str, max_image_side: int = 1024,
+                 map_indices: Collection[int] = ()):
         self.backend = backend_factory()
         self.root = root
         self.max_image_side = max_image_side
+        # detection records (by index) whose expert map goes into their row as "anomaly_map"
+        self.map_indices = frozenset(map_indices)
+
+    def _maps(self, items: Sequence[DetectionItem], images: list[Image.Image]) -> dict[int, list]:
+        """Base-view maps of the selected items (by position); for pictures only, so a failure is
+        a warning and the row simply has no map."""
+        picked = [k for k, it in enumerate(items) if it.index in self.map_indices]
+        if not picked or not hasattr(self.backend, "anomaly_maps"):
+            return {}
+        try:
+            return dict(zip(picked, self.backend.anomaly_maps([images[k] for k in picked])))
+        except Exception as e:  # noqa: BLE001 - pictures must never fail an evaluation
+            log.warning("anomaly maps for records %s failed (%s: %s); no overlay for them",
+                        [items[k].index for k in picked], type(e).__name__, e)
+            return {}
 
     def _images(self, rel_paths: Sequence[str]) -> list[Image.Image]:
         return [load_image(self.root, p, self.max_image_side) for p in rel_paths]
@@ -119,10 +157,13 @@ class Predictor:
         prompt = first_question(DETECTION_QUESTION)
         replies = self.backend.generate(images, [[{"from": "human", "value": prompt}] for _ in items])
         scores = self.backend.image_scores(images)
-        return [{"index": it.index, "image": it.image, "class": it.cls, "anomaly": it.anomaly,
+        rows = [{"index": it.index, "image": it.image, "class": it.cls, "anomaly": it.anomaly,
                  "prompt": prompt, "reply": reply, "predicted_anomaly": is_yes(reply),
                  "expert_score": score}
                 for it, reply, score in zip(items, replies, scores)]
+        for k, amap in self._maps(items, images).items():
+            rows[k]["anomaly_map"] = amap  # popped by evaluate() before any table is built
+        return rows
 
     def reason(self, items: Sequence[ReasoningItem]) -> list[dict[str, Any]]:
         """Turn by turn: the model's own earlier answers (not the references) form the history."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Collection, Optional, Sequence
 
 from aov_dist.eval.benchmark import Benchmark
 from aov_dist.cluster.config import ClusterConfig
@@ -33,13 +33,14 @@ def plan(bench: Benchmark, tasks: Sequence[str], batch_size: int) -> list[Task]:
 class _Worker:
     """Ray actor body: builds its Predictor (and model) once, then answers planned batches."""
 
-    def __init__(self, backend_factory: Callable[[], Backend], root: str, max_image_side: int):
+    def __init__(self, backend_factory: Callable[[], Backend], root: str, max_image_side: int,
+                 map_indices: Collection[int] = ()):
         # Workers share the node's cores: one intra-op thread each unless the user says otherwise.
         if "OMP_NUM_THREADS" not in os.environ:
             import torch
 
             torch.set_num_threads(1)
-        self.predictor = Predictor(backend_factory, root, max_image_side)
+        self.predictor = Predictor(backend_factory, root, max_image_side, map_indices)
 
     def run(self, task: str, items: list[Any]) -> list[dict[str, Any]]:
         return self.predictor.run(task, items)
@@ -55,18 +56,20 @@ def _split(tasks: list[Task], results: list[list[dict]]) -> dict[str, list[dict]
 
 
 def run_in_process(bench: Benchmark, tasks: Sequence[str], batch_size: int,
-                   backend_factory: Callable[[], Backend], max_image_side: int = 1024) -> dict[str, list[dict]]:
-    """Same plan, no Ray: the reference path (and num_workers=0)."""
+                   backend_factory: Callable[[], Backend], max_image_side: int = 1024,
+                   map_indices: Collection[int] = ()) -> dict[str, list[dict]]:
+    """Same plan, no Ray: the reference path (and num_workers=0). ``map_indices``: detection
+    records whose expert map is returned in their row (``anomaly_map``)."""
     planned = plan(bench, tasks, batch_size)
-    predictor = Predictor(backend_factory, bench.root, max_image_side)
+    predictor = Predictor(backend_factory, bench.root, max_image_side, map_indices)
     return _split(planned, [predictor.run(t, items) for t, items in planned])
 
 
 def run_distributed(bench: Benchmark, tasks: Sequence[str], batch_size: int, num_workers: int,
                     backend_factory: Callable[[], Backend], cluster: Optional[ClusterConfig] = None,
-                    max_image_side: int = 1024) -> dict[str, list[dict]]:
+                    max_image_side: int = 1024, map_indices: Collection[int] = ()) -> dict[str, list[dict]]:
     if num_workers == 0:
-        return run_in_process(bench, tasks, batch_size, backend_factory, max_image_side)
+        return run_in_process(bench, tasks, batch_size, backend_factory, max_image_side, map_indices)
     import ray
     from ray.util import ActorPool
 
@@ -79,7 +82,8 @@ def run_distributed(bench: Benchmark, tasks: Sequence[str], batch_size: int, num
     if cluster.env:  # per actor, so it applies even when Ray was started by someone else
         options["runtime_env"] = {"env_vars": {str(k): str(v) for k, v in cluster.env.items()}}
     actor_cls = ray.remote(_Worker).options(**options)
-    actors = [actor_cls.remote(backend_factory, bench.root, max_image_side) for _ in range(n)]
+    map_indices = frozenset(map_indices)
+    actors = [actor_cls.remote(backend_factory, bench.root, max_image_side, map_indices) for _ in range(n)]
     log.info("evaluating %d batches on %d Ray workers", len(planned), n)
     try:
         pool = ActorPool(actors)

@@ -8,7 +8,8 @@ Protocol (tags on the TRAINING run):
       ``failed:<attempts>: <message>`` after a failed attempt (retried until eval.max_attempts).
 Metrics go to the training run at the checkpoint's step (``eval/...`` names) and to an evaluation
 run in the same experiment, nested under the training run (``mlflow.parentRunId``) and linked by
-``aov.eval.source_run`` / ``aov.eval.step``; the per-sample tables are artifacts of that run.
+``aov.eval.source_run`` / ``aov.eval.step``; the per-sample tables and the pictures (ROC curve,
+confusion matrix, anomaly maps) are artifacts of that run.
 
 Restart safety: a ``running`` tag left by a watcher that died is resolved on the next scan: if its
 evaluation run finished, the step is marked done without re-evaluation; otherwise the attempt counts
@@ -69,8 +70,9 @@ def _short(msg: str, limit: int = 400) -> str:
 
 
 class Watcher:
-    def __init__(self, client, evaluate_fn: EvaluateFn, max_attempts: int = 3):
+    def __init__(self, client, evaluate_fn: EvaluateFn, max_attempts: int = 3, pictures: bool = True):
         self.client = client
+        self.pictures = pictures  # ROC / confusion / anomaly-map PNGs on the evaluation run
         self.evaluate_fn = evaluate_fn
         self.max_attempts = max_attempts
 
@@ -117,7 +119,7 @@ class Watcher:
         log.info("run %s step %d: evaluating %s (attempt %d, eval run %s)", run_id, step, uri, attempt, eval_id)
         try:
             result = self.evaluate_fn(uri)
-            log_result(self.client, eval_id, result, step=step)
+            log_result(self.client, eval_id, result, step=step, pictures=self.pictures)
             for k, v in sorted(result.flat_metrics().items()):
                 self.client.log_metric(run_id, k, v, step=step)
         except Exception as e:  # recorded, retried on a later scan; the watcher keeps going
