@@ -131,7 +131,12 @@ def run_demo(size: str = "full", out_dir: str = "demo_out", data_dir: str = "dat
               f"train.storage_path={os.path.join(out_dir, 'runs')}", f"tracking.uri={tracking_uri}",
               f"tracking.artifact_location={os.path.join(out_dir, 'mlartifacts')}", "tracking.experiment=aov-demo"]
     eval_cfg = _eval_cfg(benchmark, spec["eval_limit"], eval_workers)
-    cluster = _compose(common).cluster
+    from aov_dist.config import validate
+    from aov_dist.train.driver import init_ray
+
+    job = validate(_compose(common))
+    cluster = job.cluster
+    init_ray(job)  # one quiet local Ray instance for training and evaluation workers alike
 
     _say("[2/5] untrained model on the benchmark (the baseline)")
     untrained = untrained_baseline(common, out_dir, eval_cfg)
@@ -186,6 +191,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--data", default="data_shards/synthetic")
     p.add_argument("--tracking-uri", default=None)
     args = p.parse_args(argv)
+    # library chatter (weight-loading bars, advisory warnings) stays out of the demo's output;
+    # set before Ray starts so every worker inherits it
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     run_demo(args.size, args.out, args.data, args.tracking_uri)
 

@@ -7,6 +7,8 @@ Re-creating a reader from that state continues with exactly the next sample.
 """
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, IO, Iterator, Optional, Union
 
@@ -14,6 +16,28 @@ import numpy as np
 
 from aov_dist.data.decode import FILTER_REASONS, Members, SampleError, decode_sample, iter_tar_samples
 from aov_dist.data.plan import DRAW_CHUNK, DatasetIndex, PassPlan, mixture_draws, plan_pass
+
+log = logging.getLogger(__name__)
+# A storage outage (S3 endpoint down, connection reset) is retried shard by shard: attempts in
+# all, sleeping READ_BACKOFF_S * 2**attempt between them (1+2+4+8 s, on top of botocore's own
+# retries); then the read fails with an OSError naming the shard, never a silent skip.
+READ_ATTEMPTS = 5
+READ_BACKOFF_S = 1.0
+
+
+class _IOGuard:
+    """File wrapper that remembers an exception raised by the storage itself (as opposed to bad
+    tar content), so the reader can tell an outage from a corrupt shard."""
+
+    def __init__(self, raw: Optional[IO[bytes]], io_error: Optional[BaseException] = None):
+        self.raw, self.io_error = raw, io_error
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            return self.raw.read(n)
+        except Exception as e:
+            self.io_error = e
+            raise
 
 
 @dataclass
@@ -73,21 +97,46 @@ class DatasetStream:
             base = p.seg_start[seg]
             got = 0
             err: Optional[SampleError] = None
-            try:
-                f = self.cfg.open_url(shard.url)
-            except OSError as e:
-                err = SampleError("corrupt_tar", shard.url, "<shard>", f"cannot open: {e}")
-            if err is None:
-                with f:
-                    for ordinal, item in enumerate(iter_tar_samples(f, shard.url, stop=hi,
-                                                                    expected=shard.samples)):
-                        if isinstance(item, SampleError):
-                            err = item
-                            break
-                        got = ordinal + 1
-                        if ordinal < lo:
-                            continue
-                        yield base + ordinal - lo, shard.url, item[0], item[1]
+            for attempt in range(READ_ATTEMPTS):
+                guard: Optional[_IOGuard] = None
+                try:
+                    f = self.cfg.open_url(shard.url)
+                except (FileNotFoundError, PermissionError) as e:  # lasting: the shard is not there
+                    err = SampleError("corrupt_tar", shard.url, "<shard>", f"cannot open: {e}")
+                    break
+                except Exception as e:
+                    guard = _IOGuard(None, e)
+                else:
+                    guard = _IOGuard(f)
+                    try:
+                        with f:
+                            for ordinal, item in enumerate(iter_tar_samples(guard, shard.url, stop=hi,
+                                                                            expected=shard.samples)):
+                                if isinstance(item, SampleError):
+                                    err = item
+                                    break
+                                if ordinal < got:
+                                    continue  # handed out before a retry
+                                got = ordinal + 1
+                                if ordinal < lo:
+                                    continue
+                                yield base + ordinal - lo, shard.url, item[0], item[1]
+                    except Exception as e:  # storage errors tarfile does not catch (botocore's)
+                        if guard.io_error is None:
+                            raise
+                if guard.io_error is None:
+                    break
+                # the storage failed, not the data: read the shard again after a pause (samples
+                # already handed out are skipped), bounded so a lasting outage fails loudly
+                if attempt == READ_ATTEMPTS - 1:
+                    raise OSError(f"shard {shard.url}: storage unreachable after {READ_ATTEMPTS} "
+                                  f"attempts (last: {type(guard.io_error).__name__}: "
+                                  f"{guard.io_error})") from guard.io_error
+                log.warning("shard %s: read failed after %d samples (%s: %s); retrying in %.1f s",
+                            shard.url, got, type(guard.io_error).__name__, guard.io_error,
+                            READ_BACKOFF_S * 2 ** attempt)
+                time.sleep(READ_BACKOFF_S * 2 ** attempt)
+                err = None
             if got < hi and err is None:
                 err = SampleError("corrupt_tar", shard.url, "<end of shard>",
                                   f"shard ended after {got} samples, manifest says "

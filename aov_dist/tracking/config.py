@@ -10,7 +10,8 @@ class TrackingConfig:
     enabled: bool = True
     # Embedded default: a local sqlite store; point at any MLflow server with http://...
     uri: str = "sqlite:///mlflow.db"
-    artifact_location: str = "mlartifacts"
+    # Artifact root of a NEW experiment (local folder or s3://); None = the server's default.
+    artifact_location: Optional[str] = "mlartifacts"
     experiment: str = "aov-dist"
     run_name: Optional[str] = None
     system_metrics: bool = True

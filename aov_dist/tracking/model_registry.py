@@ -1,8 +1,14 @@
-"""The final HF export as an MLflow model (pyfunc wrapping the HF folder) in the Model Registry."""
+"""The final HF export as an MLflow model (pyfunc wrapping the HF folder) in the Model Registry.
+
+The pyfunc is logged from code (tracking/pyfunc_model.py, MLflow's models-from-code): the registry
+holds that source file and the safetensors weights, never a pickled Python object that loading
+would have to unpickle."""
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
+import warnings
 from typing import Optional
 
 import mlflow.pyfunc
@@ -10,30 +16,9 @@ import mlflow.pyfunc
 from aov_dist.tracking.config import TrackingConfig
 
 log = logging.getLogger(__name__)
-HF_ARTIFACT = "hf"
-
-
-class AnomalyOVPyfunc(mlflow.pyfunc.PythonModel):
-    """Loads the HF-format folder with aov_dist's build_model; predict() returns the expert's image
-    anomaly scores for a list of image paths (the LLM is reached through aov-eval)."""
-
-    def load_context(self, context) -> None:
-        from aov_dist.model import ModelConfig, build_model
-
-        self.model, self.processor = build_model(ModelConfig(pretrained_path=context.artifacts[HF_ARTIFACT]))
-        self.model.eval()
-
-    def predict(self, context, model_input, params=None):
-        import torch
-        from PIL import Image
-
-        paths = list(model_input["image"]) if hasattr(model_input, "__getitem__") else list(model_input)
-        scores = []
-        with torch.no_grad():
-            for p in paths:
-                enc = self.processor.encode_images([Image.open(p).convert("RGB")])
-                scores.append(float(self.model.expert_forward(enc.pixel_values, enc.image_grids).scores[0]))
-        return scores
+HF_ARTIFACT = "hf"  # the artifact name pyfunc_model.py reads
+# a path, not an import: importing the file would run its mlflow.models.set_model
+MODEL_CODE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pyfunc_model.py")
 
 
 def log_and_register(cfg: TrackingConfig, run_id: str, hf_dir: str) -> Optional[str]:
@@ -51,9 +36,11 @@ def log_and_register(cfg: TrackingConfig, run_id: str, hf_dir: str) -> Optional[
         fs_.get(p + "/", tmp.name + "/", recursive=True)
         local = tmp.name
     try:
-        with mlflow.start_run(run_id=run_id):
+        with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+            # predict() takes image paths or a frame with an "image" column: no type-hint signature
+            warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
             info = mlflow.pyfunc.log_model(
-                name="model", python_model=AnomalyOVPyfunc(), artifacts={HF_ARTIFACT: local},
+                name="model", python_model=MODEL_CODE, artifacts={HF_ARTIFACT: local},
                 # the environment is this project's; skip pip inference (slow, and it would guess)
                 pip_requirements=["aov-dist"],
                 registered_model_name=cfg.registered_model_name or None,

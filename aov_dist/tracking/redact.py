@@ -4,8 +4,10 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping
 
-SECRET_KEY = re.compile(r"(secret|password|passwd|token|api[_-]?key|access[_-]?key|credential|private[_-]?key)",
-                        re.IGNORECASE)
+# A secret word as a whole part of the key (parts split by _ - .): "aws_secret_access_key",
+# "token", "judge.api_key" match; "max_tokens" / "max_new_tokens" (counts) do not.
+SECRET_KEY = re.compile(r"(?:^|[_.\-])(secret|password|passwd|token|api[_-]?key|access[_-]?key|credentials?"
+                        r"|private[_-]?key)(?:$|[_.\-])", re.IGNORECASE)
 MASK = "***"
 
 

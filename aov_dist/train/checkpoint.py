@@ -5,6 +5,7 @@
         loader/rank_<r>.json the streaming loader's state of every rank
         rng/rank_<r>.json    python / numpy / torch RNG states of every rank
         trainer_state.json   step, epoch, per-step losses so far
+        config.yaml          the job's resolved config (aov-export rebuilds the model from it)
         hf/                  consolidated HF-format model + processor (what evaluation loads)
         COMMITTED            written last, by rank 0, after every rank finished writing
 
@@ -26,6 +27,8 @@ import torch
 from aov_dist.data import fs
 
 COMMIT_MARKER = "COMMITTED"
+CONFIG_FILE = "config.yaml"
+HF_DIR = "hf"
 _STEP_DIR = re.compile(r"step_(\d+)$")
 
 

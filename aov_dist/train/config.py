@@ -17,7 +17,8 @@ class StageConfig:
     max_steps: int = -1
     global_batch_size: int = 128
     # Learning rate per trainable group of the stage (the model's stage_parameter_groups names).
-    lr: dict[str, float] = field(default_factory=lambda: {"expert": 1e-4})
+    # Empty by default: Hydra merges dicts key by key, so a default here would leak into every stage.
+    lr: dict[str, float] = field(default_factory=dict)
     weight_decay: float = 0.0
     # cosine_restarts (stage 1: warm restarts every restart_every_epochs), warmup_cosine (stage 2).
     schedule: str = "cosine_restarts"
@@ -28,6 +29,9 @@ class StageConfig:
     # Stage 2 starts from a stage-1 result: a committed step folder, an HF-format folder, or an
     # expert .pth (released pretrained_expert_*.pth). None: the model section's weights as they are.
     init_from: Optional[str] = None
+    # Stage 2 from a random expert makes the adverb text meaningless: demand an init source
+    # (stage.init_from, model.expert_path or model.pretrained_path) unless this is switched off.
+    require_init: bool = False
 
 
 @dataclass

@@ -44,6 +44,10 @@ def init_ray(cfg: TrainJobConfig) -> None:
         "PYTHONWARNINGS": "ignore",
         "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cuda" if cfg.cluster.use_gpu else "cpu"),
     })
+    # Inside `ray job submit` Ray merges this env with the job's and refuses a key set in both
+    # (launch/submit.py forwards DS_ACCELERATOR, OMP_NUM_THREADS...): the job's value wins.
+    for key in _job_env_keys():
+        env["env_vars"].pop(key, None)
     # Worker output (DeepSpeed's chatter) stays in Ray's log files unless asked for.
     to_driver = os.environ.get("AOV_WORKER_LOGS", "0") == "1"
     if address:
@@ -53,6 +57,19 @@ def init_ray(cfg: TrainJobConfig) -> None:
         ray.init(num_cpus=max(os.cpu_count() or 1, cfg.cluster.num_workers * cfg.cluster.cpus_per_worker),
                  dashboard_host="127.0.0.1", logging_level=logging.WARNING, log_to_driver=to_driver,
                  runtime_env=env)
+
+
+def _job_env_keys() -> set[str]:
+    """Environment variables of the Ray job this driver runs in (none outside a job)."""
+    import json
+
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return set()
+    try:
+        return set(((json.loads(raw).get("runtime_env") or {}).get("env_vars") or {}))
+    except (ValueError, AttributeError):
+        return set()
 
 
 def _absolute(path: Optional[str]) -> Optional[str]:
@@ -154,14 +171,22 @@ def _show_progress(queue, done: dict, show: bool, stage: str) -> None:
             if bar is None:
                 bar = tqdm(total=m["total"], desc=f"train {stage}", unit="step", dynamic_ncols=True)
             bar.n = m["step"]
-            bar.set_postfix(loss=f"{m['loss']:.4f}", samples_s=f"{m['samples_per_s']:.1f}")
+            bar.set_postfix(loss=f"{m['loss']:.4f}", samples_s=f"{m['samples_per_s']:.1f}", refresh=False)
             bar.refresh()
 
 
 def _log_final_model(c: TrainJobConfig, run_id: Optional[str], latest: Optional[str]) -> Optional[str]:
-    """Log the final HF export as an MLflow model and register it (models:/<name>/<version>)."""
-    if not (c.tracking.enabled and run_id and latest and c.train.export_hf_in_checkpoints):
+    """Log the final HF export as an MLflow model and register it (models:/<name>/<version>).
+    Without per-checkpoint exports (train.export_hf_in_checkpoints=false) the newest checkpoint's
+    shards are merged here, on the driver. A tracking failure is a warning: the weights are safe
+    in the checkpoint and ``aov-export`` + registration can be redone."""
+    if not (c.tracking.enabled and run_id and latest):
         return None
     from aov_dist.tracking.model_registry import log_and_register
+    from aov_dist.train.export import export
 
-    return log_and_register(c.tracking, run_id, f"{latest}/hf")
+    try:
+        return log_and_register(c.tracking, run_id, export(latest))
+    except Exception as e:
+        log.warning("final model of %s not logged/registered in MLflow (%s); the checkpoint holds it", latest, e)
+        return None

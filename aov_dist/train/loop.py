@@ -52,6 +52,17 @@ def _global_mean(value: float, world: int) -> float:
     return float(t.item()) / world
 
 
+def _global_counts(counts: dict[str, int], world: int) -> dict[str, int]:
+    """Per-reason counts summed over ranks; a fixed reason list keeps the collective the same size
+    on every rank."""
+    from aov_dist.data.decode import SKIP_REASONS
+
+    t = torch.tensor([float(counts.get(k, 0)) for k in SKIP_REASONS], dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(t)
+    return {k: int(v) for k, v in zip(SKIP_REASONS, t.tolist())}
+
+
 def _barrier(world: int) -> None:
     if world > 1:
         dist.barrier()
@@ -131,7 +142,8 @@ def run_training(cfg: TrainJobConfig, rank: int, world: int, run_id: Optional[st
         if norm is not None:
             metrics["grad_norm"] = float(norm)
         metrics.update({f"lr/{k}": v for k, v in strategy.group_lrs(engine).items()})
-        metrics.update({f"data/skipped_{k}": v for k, v in loader.skipped.items()})
+        # summed over ranks (every rank reads other shards): the job's bad samples, not rank 0's
+        metrics.update({f"data/skipped_{k}": v for k, v in _global_counts(loader.skipped, world).items() if v})
         mfu = _mfu(cfg, n_params, metrics["tokens_per_s"], world)
         if mfu is not None:
             metrics["mfu"] = mfu
@@ -209,20 +221,51 @@ def _save(cfg: TrainJobConfig, strategy, engine, processor, loader, result: Loop
         ckpt.write_json(f"{local}/trainer_state.json", {"step": result.step, "losses": result.losses,
                                                         "epoch": loader.epoch, "world_size": world})
         # the job's resolved config: aov-export rebuilds the model from it (no hf/ needed)
-        fs.write_bytes(f"{local}/{ckpt.CONFIG_FILE}", OmegaConf.to_yaml(OmegaConf.structured(cfg)).encode())
+        # (redacted: a secret-looking key, e.g. a judge API key, must not land in storage)
+        fs.write_bytes(f"{local}/{ckpt.CONFIG_FILE}", _safe_yaml(cfg).encode())
         if state_dict is not None:
             engine.module.save_pretrained(f"{local}/hf", state_dict=state_dict, safe_serialization=True)
             processor.save_pretrained(f"{local}/hf")
     if remote:  # each rank uploads what it wrote; a failed upload fails the step before any marker
-        fs_, p = fs.get_fs(final)
-        fs_.put(local + "/", p + "/", recursive=True)
-        shutil.rmtree(local, ignore_errors=True)
+        try:
+            _upload(local, final, rank)
+        finally:
+            shutil.rmtree(local, ignore_errors=True)
     _barrier(world)
     if rank == 0:
         ckpt.write_marker(final, result.step, world)
         ckpt.prune(storage, run, cfg.train.keep_checkpoints)
     _barrier(world)
     return final
+
+
+def _safe_yaml(cfg: TrainJobConfig) -> str:
+    from aov_dist.tracking.redact import redact
+
+    return OmegaConf.to_yaml(OmegaConf.create(redact(OmegaConf.to_container(OmegaConf.structured(cfg)))))
+
+
+# A checkpoint upload is retried (storage hiccups are common and a step's work is costly), then it
+# fails the step with an error naming the target; no marker is written, so the previous
+# checkpoint stays the newest committed one.
+UPLOAD_ATTEMPTS = 3
+UPLOAD_BACKOFF_S = 2.0
+
+
+def _upload(local: str, final: str, rank: int) -> None:
+    fs_, p = fs.get_fs(final)
+    for attempt in range(UPLOAD_ATTEMPTS):
+        try:
+            fs_.put(local + "/", p + "/", recursive=True)
+            return
+        except Exception as e:
+            if attempt == UPLOAD_ATTEMPTS - 1:
+                raise RuntimeError(f"checkpoint {final}: rank {rank} could not upload its part after "
+                                   f"{UPLOAD_ATTEMPTS} attempts ({type(e).__name__}: {e}); the step is "
+                                   f"not committed, the previous checkpoint stays the newest") from e
+            log.warning("checkpoint %s: upload by rank %d failed (%s: %s); retrying", final, rank,
+                        type(e).__name__, e)
+            time.sleep(UPLOAD_BACKOFF_S * 2 ** attempt)
 
 
 def worker_entry(config: dict[str, Any]) -> None:

@@ -1,4 +1,9 @@
-"""What a stage trains: its data stream and its loss. The loop around them is shared."""
+"""What a stage trains: its model, its data stream and its loss. The loop around them is shared.
+
+A task is any object with ``stage``, ``build_model(cfg)``, ``build_loader(cfg, processor, rank,
+world)`` and ``loss(engine, batch) -> (loss, tokens)``; tests swap in their own (e.g. a loader
+that hands every world size the same global batches, for the golden-loss comparison).
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -8,7 +13,6 @@ import torch
 import torch.nn.functional as F
 
 from aov_dist.config import TrainJobConfig
-from aov_dist.data.transforms import ConversationTransform, ExpertTransform
 from aov_dist.model.config import ModelConfig
 
 
@@ -19,36 +23,6 @@ def balanced_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     pos = labels > 0.5
     terms = [losses[m].mean() for m in (pos, ~pos) if bool(m.any())]
     return torch.stack(terms).mean()
-
-
-class Stage1Task:
-    """The expert alone on labelled images: balanced BCE on the image anomaly logit."""
-
-    stage = "stage1"
-
-    def transform(self, processor: Any, cfg: TrainJobConfig):
-        return ExpertTransform(processor)
-
-    def loss(self, engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        out = engine.module.expert_forward(batch["pixel_values"], batch["image_grids"])
-        return balanced_bce(out.logits, batch["image_labels"]), 0
-
-
-class Stage2Task:
-    """Projector + LLM on conversations: the causal-LM loss on assistant tokens."""
-
-    stage = "stage2"
-
-    def transform(self, processor: Any, cfg: TrainJobConfig):
-        return ConversationTransform(processor, cfg.data.max_length)
-
-    def loss(self, engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        out = engine(**batch)
-        return out.loss, int(batch["attention_mask"].sum())
-
-
-def make_task(stage: str):
-    return {"stage1": Stage1Task, "stage2": Stage2Task}[stage]()
 
 
 def model_config_for(cfg: TrainJobConfig) -> ModelConfig:
@@ -64,3 +38,58 @@ def model_config_for(cfg: TrainJobConfig) -> ModelConfig:
     hf = f"{init.rstrip('/')}/hf"
     # the architecture comes from the folder: preset overrides no longer apply
     return dataclasses.replace(cfg.model, pretrained_path=hf if fs.exists(f"{hf}/config.json") else init, overrides={})
+
+
+class _ModelTask:
+    stage = ""
+
+    def build_model(self, cfg: TrainJobConfig):
+        from aov_dist.model import build_model
+
+        return build_model(model_config_for(cfg))
+
+    def transform(self, processor: Any, cfg: TrainJobConfig):
+        raise NotImplementedError
+
+    def build_loader(self, cfg: TrainJobConfig, processor: Any, rank: int, world: int):
+        from aov_dist.data.stream import build_loader
+
+        return build_loader(cfg.data, rank, world, transform=self.transform(processor, cfg),
+                            collate=processor.collate, stage=self.stage)
+
+
+class Stage1Task(_ModelTask):
+    """The expert alone on labelled images: balanced BCE on the image anomaly logit."""
+
+    stage = "stage1"
+
+    def transform(self, processor: Any, cfg: TrainJobConfig):
+        from aov_dist.data.transforms import ExpertTransform
+
+        return ExpertTransform(processor)
+
+    def loss(self, engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        from aov_dist.train.strategy import engine_call
+
+        # through engine.forward, never engine.module directly: ZeRO-3 accumulation needs its hooks
+        out = engine_call(engine, "expert_forward", batch["pixel_values"], batch["image_grids"])
+        return balanced_bce(out.logits, batch["image_labels"]), 0
+
+
+class Stage2Task(_ModelTask):
+    """Projector + LLM on conversations: the causal-LM loss on assistant tokens."""
+
+    stage = "stage2"
+
+    def transform(self, processor: Any, cfg: TrainJobConfig):
+        from aov_dist.data.transforms import ConversationTransform
+
+        return ConversationTransform(processor, cfg.data.max_length)
+
+    def loss(self, engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        out = engine(**batch)
+        return out.loss, int(batch["attention_mask"].sum())
+
+
+def make_task(stage: str):
+    return {"stage1": Stage1Task, "stage2": Stage2Task}[stage]()

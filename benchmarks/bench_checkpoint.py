@@ -1,0 +1,176 @@
+"""Checkpoint benchmark: save / restore time and size of the tiny model's checkpoints, local and
+to a loopback S3 server, with the DeepSpeed ZeRO-3 engine of our training loop.
+
+2 gloo ranks (spawned processes, DeepSpeed for real, no Ray: Ray adds nothing to a save) build the
+model and engine exactly as ``aov_dist.train.loop.run_training`` does and train one step (so the
+optimizer state exists). Then, per storage (local folder, ``s3://`` on a moto server started
+here):
+
+* blocked per save: the whole ``loop._save`` call (DeepSpeed shards of every rank, loader and RNG
+  state, consolidated hf/ export on rank 0, upload for s3://, barrier, COMMITTED marker, pruning),
+  i.e. how long training stands still; its parts: ``strategy.save`` (ds/) and the hf/ export;
+* restore: ``loop._restore`` (download of ds/ for s3://, ``engine.load_checkpoint``, loader, RNG);
+* sizes of ds/, hf/ and the whole step folder.
+
+Times are the slowest rank's (the save ends in a barrier), median over ``--saves`` saves.
+
+    .venv/bin/python benchmarks/bench_checkpoint.py
+    .venv/bin/python benchmarks/bench_checkpoint.py --saves 1 --storage local
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (DEFAULT_MANIFEST, MotoS3, compose, dir_bytes, free_port, machine,  # noqa: E402
+                    machine_line, markdown_table)
+
+WORLD = 2
+
+
+def job_overrides(stage: str, manifest: str, storage: str) -> list[str]:
+    lrs = (["stage.lr.expert=1e-4"] if stage == "stage1"
+           else ["stage.lr.projector=1e-4", "stage.lr.llm=1e-4", "stage.require_init=false"])
+    return [f"stage={stage}", *lrs, "stage.global_batch_size=4", "data.micro_batch_size=2", "stage.max_steps=1000",
+            "data.max_length=512", f"data.datasets=[{{name: synthetic, manifest: '{Path(manifest).resolve()}', weight: 1.0}}]",
+            "cluster.workers_per_node=2", f"train.storage_path='{storage}'", "train.run_name=bench",
+            "train.keep_checkpoints=1", "tracking.enabled=false"]
+
+
+def _max_over_ranks(value: float) -> float:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return _max_over_ranks(time.perf_counter() - t0)
+
+
+def _rank_main(rank: int, port: int, a: dict, storages: dict[str, str], out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    from aov_dist.config import validate
+    from aov_dist.train import loop
+    from aov_dist.train.strategy import DeepSpeedStrategy
+    from aov_dist.train.tasks import make_task
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    loop.quiet_library_warnings()
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    report: dict[str, Any] = {}
+    for kind, storage in storages.items():
+        cfg = validate(compose(job_overrides(a["stage"], a["manifest"], storage)))
+        loop.seed_everything(0)
+        task = make_task(cfg.stage.name)
+        strategy = DeepSpeedStrategy(cfg)
+        model, processor = strategy.build_model(lambda: task.build_model(cfg))
+        groups = model.stage_parameter_groups(cfg.stage.name)
+        loader = task.build_loader(cfg, processor, rank, WORLD)
+        engine = strategy.initialize(model, groups, 1000, 100)
+        batches = iter(loader)
+        loss, _ = task.loss(engine, next(batches))  # one step: optimizer state exists
+        engine.backward(loss)
+        engine.step()
+        result = loop.LoopResult(step=0)
+        saves, ds_only, hf_only = [], [], []
+        for i in range(a["saves"]):
+            result.step = i + 1
+            saves.append(_timed(lambda: loop._save(cfg, strategy, engine, processor, loader, result, rank, WORLD)))
+            scratch = tempfile.mkdtemp(prefix="bench-ckpt-part-")  # the parts, on local disk
+            ds_only.append(_timed(lambda: strategy.save(engine, f"{scratch}/ds")))
+
+            def hf_export() -> None:
+                sd = strategy.consolidated_state_dict(engine)
+                if rank == 0:
+                    engine.module.save_pretrained(f"{scratch}/hf", state_dict=sd, safe_serialization=True)
+                    processor.save_pretrained(f"{scratch}/hf")
+            hf_only.append(_timed(hf_export))
+            shutil.rmtree(scratch, ignore_errors=True)
+        path = result.checkpoints[-1] if result.checkpoints else f"{storage.rstrip('/')}/bench/step_{result.step}"
+        restored = loop.LoopResult(step=0)
+        restore_s = [_timed(lambda: loop._restore(strategy, engine, loader, path, rank, restored))
+                     for _ in range(a["saves"])]
+        if restored.step != result.step:
+            raise RuntimeError(f"restored step {restored.step} from {path}, saved {result.step}")
+        if rank == 0:
+            report[kind] = {"path": path, "save_s": saves, "ds_save_s": ds_only, "hf_export_s": hf_only,
+                            "restore_s": restore_s, "bytes_total": dir_bytes(path),
+                            "bytes_ds": dir_bytes(f"{path}/ds"), "bytes_hf": dir_bytes(f"{path}/hf"),
+                            "params": sum(int(getattr(p, "ds_numel", p.numel())) for p in engine.module.parameters())}
+        del engine, model
+        dist.barrier()
+    if rank == 0:
+        Path(out).write_text(json.dumps(report))
+    dist.destroy_process_group()
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--stage", default="stage2", choices=["stage1", "stage2"])
+    ap.add_argument("--saves", type=int, default=3)
+    ap.add_argument("--storage", default="local,s3")
+    ap.add_argument("--manifest", default=str(DEFAULT_MANIFEST))
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    if not Path(a.manifest).exists():
+        raise SystemExit(f"{a.manifest} does not exist: run `make shards` first")
+    import torch.multiprocessing as mp
+
+    info = machine()
+    tmp = tempfile.mkdtemp(prefix="bench_ckpt_")
+    kinds = a.storage.split(",")
+    storages = {k: (f"{tmp}/runs" if k == "local" else "s3://bench/runs") for k in kinds}
+    out = f"{tmp}/report.json"
+    try:
+        s3 = MotoS3() if "s3" in kinds else None
+        if s3 is not None:
+            s3.__enter__()  # env (endpoint, dummy keys) set here is inherited by the spawned ranks
+        try:
+            mp.spawn(_rank_main, args=(free_port(), {"stage": a.stage, "manifest": a.manifest, "saves": a.saves},
+                                       storages, out), nprocs=WORLD, join=True)
+        finally:
+            if s3 is not None:
+                s3.__exit__()
+        report = json.loads(Path(out).read_text())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    med = statistics.median
+    print(machine_line(info))
+    print(f"checkpoint benchmark: tiny Anomaly-OV {a.stage} ({report[kinds[0]]['params'] / 1e6:.2f} M params), "
+          f"DeepSpeed ZeRO-3, {WORLD} gloo ranks, median of {a.saves} saves/restores, slowest rank")
+    rows = [[k, med(r["save_s"]), med(r["ds_save_s"]), med(r["hf_export_s"]), med(r["restore_s"]),
+             r["bytes_total"] / 2**20, r["bytes_ds"] / 2**20, r["bytes_hf"] / 2**20] for k, r in report.items()]
+    print(markdown_table(["storage", "blocked per save s", "ds/ save s", "hf/ export s", "restore s",
+                          "step folder MB", "ds/ MB", "hf/ MB"], rows))
+    result = {"machine": info, "args": vars(a), "results": report}
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""The training config: Hydra composition against the typed schema, and validation that names the
+key and starts nothing (no Ray, no MLflow run) when the config cannot work."""
+from __future__ import annotations
+
+import os
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from aov_dist.config import CONF_DIR, ConfigError, micro_steps_per_step, validate
+
+
+def _compose(tmp_path, *overrides: str):
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text("{}")
+    base = [f"data.datasets.0.manifest={manifest}", f"train.storage_path={tmp_path / 'runs'}",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("config", overrides=base + list(overrides))
+
+
+def test_defaults_compose_and_validate(tmp_path):
+    c = validate(_compose(tmp_path))
+    assert (c.stage.name, c.deepspeed.zero_stage, c.cluster.num_workers) == ("stage1", 3, 2)
+    assert c.train.run_name == "aov-tiny-stage1"  # interpolated from the stage
+    assert c.stage.lr == {"expert": 1e-4} and c.stage.schedule == "cosine_restarts"
+    # 128 = 2 workers x micro 2 x 32 accumulation steps
+    assert micro_steps_per_step(c) == 32
+
+
+def test_stage2_group_has_its_own_schedule(tmp_path):
+    c = validate(_compose(tmp_path, "stage=stage2", "stage.require_init=false", "deepspeed=zero2"))
+    assert c.stage.lr == {"projector": 1e-5, "llm": 1e-5}
+    assert (c.stage.schedule, c.stage.warmup_ratio, c.deepspeed.zero_stage) == ("warmup_cosine", 0.03, 2)
+
+
+@pytest.mark.parametrize("overrides, key, words", [
+    (["stage.global_batch_size=6"], "stage.global_batch_size", "not divisible by workers x micro batch = 2 x 2 = 4"),
+    (["deepspeed.zero_stage=1"], "deepspeed.zero_stage", "must be 2 or 3"),
+    (["stage=stage2"], "stage.init_from", "stage2 needs trained expert weights"),
+    (["train.resume_from=/nonexistent/run/step_5"], "train.resume_from", "not a committed checkpoint"),
+    (["cluster.nodes=2"], "train.storage_path", "node-local path but cluster.nodes=2"),
+    (["+stage.lr.llm=1e-5"], "stage.lr", "stage1 trains the groups ['expert']"),
+    (["deepspeed.precision=bf16"], "deepspeed.precision", "needs GPUs"),
+    (["stage.init_from=/nonexistent/expert.pth", "stage=stage2"], "stage.init_from", "does not exist"),
+    (["cluster.backend=nccl"], "cluster.backend", "nccl needs GPUs"),
+])
+def test_impossible_configs_name_the_key(tmp_path, overrides, key, words):
+    with pytest.raises(ConfigError) as e:
+        validate(_compose(tmp_path, *overrides))
+    assert e.value.key == key
+    assert str(e.value).startswith(f"{key}: ") and words in str(e.value)
+
+
+def test_missing_manifest_names_the_dataset_key(tmp_path):
+    cfg = _compose(tmp_path, f"data.datasets.0.manifest={tmp_path / 'nope.json'}")
+    with pytest.raises(ConfigError, match=r"^data.datasets\[0\].manifest: .*nope.json' does not exist"):
+        validate(cfg)
+
+
+def test_unknown_key_and_wrong_type_fail_at_composition(tmp_path):
+    with pytest.raises(ConfigCompositionException, match="stage.lr_typo"):
+        _compose(tmp_path, "stage.lr_typo=1")
+    # a forced '+' addition gets past Hydra, not past the schema check
+    with pytest.raises(ConfigError) as e:
+        validate(_compose(tmp_path, "+stage.lr_typo=1"))
+    assert e.value.key == "stage.lr_typo"
+    with pytest.raises(ConfigCompositionException) as e:
+        _compose(tmp_path, "stage.global_batch_size=many")
+    assert "stage.global_batch_size" in str(e.value.__cause__ or e.value)
+
+
+def test_unknown_key_and_wrong_type_from_python_name_the_key(tmp_path):
+    cfg = OmegaConf.to_container(_compose(tmp_path), resolve=True)
+    cfg["train"]["checkpoint_every"] = 5
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    assert e.value.key == "train.checkpoint_every"
+    cfg = OmegaConf.to_container(_compose(tmp_path), resolve=True)
+    cfg["deepspeed"]["zero_stage"] = "three"
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    assert e.value.key == "deepspeed.zero_stage"
+
+
+def test_main_rejects_before_starting_ray_or_mlflow(tmp_path):
+    """The driver validates first: a bad config leaves no Ray instance and no tracking store."""
+    ray = pytest.importorskip("ray")
+    from aov_dist.train.driver import main
+
+    assert not ray.is_initialized()
+    with pytest.raises(ConfigError, match="^stage.global_batch_size"):
+        main(_compose(tmp_path, "stage.global_batch_size=6"))
+    assert not ray.is_initialized()
+    assert not os.path.exists(tmp_path / "mlflow.db")
+    assert not os.path.exists(tmp_path / "runs")
+
+
+def test_cli_reports_config_error_with_exit_code_2(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from aov_dist.train.__main__ import cli
+
+    monkeypatch.chdir(tmp_path)
+    manifest = tmp_path / "m.json"
+    manifest.write_text("{}")
+    monkeypatch.setattr(sys, "argv", ["aov-train", f"data.datasets.0.manifest={manifest}", "deepspeed.zero_stage=1"])
+    with pytest.raises(SystemExit) as e:
+        cli()
+    assert e.value.code == 2
+    assert "config error: deepspeed.zero_stage: must be 2 or 3" in capsys.readouterr().err
+    # Hydra stayed inert: no outputs/ or .hydra folder, no log file, same working directory
+    assert sorted(os.listdir(tmp_path)) == ["m.json"]
+
+
+def test_tracking_presets(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.aov.svc:5000")
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=["tracking=server"])
+    assert (cfg.tracking.uri, cfg.tracking.artifact_location) == ("http://mlflow.aov.svc:5000", None)
+    assert validate(_compose(tmp_path, "tracking=off")).tracking.enabled is False

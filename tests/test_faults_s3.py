@@ -1,0 +1,256 @@
+"""S3 trouble: the endpoint goes away while shards stream (reads retry with backoff and go on with
+exactly the samples an undisturbed read gives) and while a checkpoint uploads (the step fails with
+an error naming the target; nothing gets a COMMITTED marker; the previous checkpoint stays).
+
+The outage is real: a TCP proxy in front of the moto server refuses connections and cuts the
+open ones while it is "down" (moto itself keeps its in-memory buckets).
+"""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+
+from aov_dist.data import fs
+from aov_dist.data import reader as reader_mod
+from aov_dist.data.config import DataConfig, DatasetSpec
+from aov_dist.data.stream import build_loader
+from aov_dist.train import checkpoint as ckpt
+from aov_dist.train import loop
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class FlakyProxy:
+    """127.0.0.1:<port> -> 127.0.0.1:<target>; ``down()`` closes the listener and cuts every live
+    connection (clients see refused / reset connections), ``up()`` listens on the same port again."""
+
+    def __init__(self, target_port: int):
+        self.target, self.port = target_port, _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._lock = threading.Lock()
+        self._conns: set[socket.socket] = set()
+        self._listener = None
+        self.up()
+
+    def up(self) -> None:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", self.port))
+        sock.listen(64)
+        sock.settimeout(0.1)
+        self._listener = sock
+        threading.Thread(target=self._accept, args=(sock,), daemon=True).start()
+
+    def _accept(self, sock: socket.socket) -> None:
+        while self._listener is sock:
+            try:
+                client, _ = sock.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            client.settimeout(None)
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns.update((client, upstream))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def down(self) -> None:
+        sock, self._listener = self._listener, None
+        sock.close()
+        with self._lock:
+            conns, self._conns = list(self._conns), set()
+        for s in conns:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+
+@pytest.fixture
+def proxy(s3_server, monkeypatch):
+    p = FlakyProxy(int(s3_server.rsplit(":", 1)[1]))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", p.url)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", p.url)
+    yield p
+    if p._listener is None:
+        p.up()
+
+
+def _ids(loader) -> list[str]:
+    return [x for batch in loader for x in batch]
+
+
+def _cfg(manifest: str) -> DataConfig:
+    return DataConfig(datasets=[DatasetSpec("d", manifest, 1.0)], micro_batch_size=1, num_workers=0,
+                      shuffle_buffer=1)
+
+
+def _loader(manifest: str, transform=lambda s: s["id"]):
+    return build_loader(_cfg(manifest), 0, 1, transform=transform, too_long_exceptions=())
+
+
+# ---- reads: fast tests with a storage that fails, then the real outage ----
+
+class _BreaksOnce:
+    """A file whose read raises a connection error once, after ``after`` bytes."""
+
+    def __init__(self, raw, after: int, state: dict):
+        self.raw, self.after, self.state, self.n = raw, after, state, 0
+
+    def read(self, n: int = -1) -> bytes:
+        if not self.state["broken"] and self.n >= self.after:
+            self.state["broken"] = True
+            raise ConnectionResetError("connection reset by peer")
+        data = self.raw.read(n if n >= 0 else -1)
+        self.n += len(data)
+        return data
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.raw.close()
+
+
+def test_read_interrupted_mid_shard_retries_and_hands_out_the_same_samples(synthetic_shards, monkeypatch, caplog):
+    manifest = str(synthetic_shards.manifest_path)
+    expected = _ids(_loader(manifest))
+    real_open = fs.open_url
+    second = synthetic_shards.manifest["shards"][1]["url"]
+    state = {"broken": False, "opens": 0}
+
+    def flaky_open(url, mode="rb", endpoint_url=None):
+        f = real_open(url, mode, endpoint_url)
+        if url.endswith(second):
+            state["opens"] += 1
+            return _BreaksOnce(f, after=20000, state=state)  # a few samples into the shard
+        return f
+
+    monkeypatch.setattr(fs, "open_url", flaky_open)
+    monkeypatch.setattr(reader_mod, "READ_BACKOFF_S", 0.01)
+    loader = _loader(manifest)
+    assert _ids(loader) == expected and loader.skipped == {}
+    assert state == {"broken": True, "opens": 2}
+    assert "read failed after" in caplog.text and second in caplog.text
+
+
+def test_lasting_outage_fails_naming_the_shard_instead_of_skipping(synthetic_shards, monkeypatch):
+    manifest = str(synthetic_shards.manifest_path)
+    real_open = fs.open_url
+    calls = []
+
+    def dead_open(url, mode="rb", endpoint_url=None):
+        if url.endswith(".tar"):
+            calls.append(url)
+            raise ConnectionRefusedError(111, "Connection refused")
+        return real_open(url, mode, endpoint_url)
+
+    monkeypatch.setattr(fs, "open_url", dead_open)
+    monkeypatch.setattr(reader_mod, "READ_BACKOFF_S", 0.01)
+    with pytest.raises(OSError, match=r"shard .*\.tar: storage unreachable after 5 attempts"):
+        _ids(_loader(manifest))
+    assert len(calls) == reader_mod.READ_ATTEMPTS and len(set(calls)) == 1
+
+
+def test_missing_shard_is_still_counted_as_corrupt_not_retried(tmp_path, synthetic_shards, monkeypatch):
+    import shutil
+
+    copy = tmp_path / "shards"
+    shutil.copytree(synthetic_shards.dir, copy)
+    first = synthetic_shards.manifest["shards"][0]
+    (copy / first["url"]).unlink()
+    monkeypatch.setattr(reader_mod, "READ_BACKOFF_S", 60.0)  # a retry would make this test hang
+    loader = _loader(str(copy / "manifest.json"))
+    _ids(loader)
+    assert loader.skipped == {"corrupt_tar": first["samples"]}
+
+
+def test_s3_endpoint_down_for_seconds_while_streaming(synthetic_shards, s3_bucket, proxy, monkeypatch):
+    fs_, _ = fs.get_fs(s3_bucket)
+    fs_.put(str(synthetic_shards.dir) + "/", f"{s3_bucket[5:]}/shards/", recursive=True)
+    manifest = f"{s3_bucket}/shards/manifest.json"
+    expected = _ids(_loader(manifest))
+    assert len(expected) == synthetic_shards.manifest["totals"]["samples"]
+    monkeypatch.setattr(reader_mod, "READ_BACKOFF_S", 0.5)
+    seen = []
+
+    def transform(s):
+        seen.append(s["id"])
+        if len(seen) == 3:  # after the first shard's first samples: 8 s without S3
+            proxy.down()
+            threading.Timer(8.0, proxy.up).start()
+        return s["id"]
+
+    t0 = time.monotonic()
+    loader = _loader(manifest, transform)
+    assert _ids(loader) == expected and loader.skipped == {}
+    assert time.monotonic() - t0 >= 7.5  # it really waited for the endpoint
+
+
+# ---- checkpoint upload ----
+
+@pytest.mark.slow
+def test_upload_that_keeps_failing_fails_the_step_and_keeps_the_previous_checkpoint(s3_bucket, proxy, monkeypatch):
+    from test_faults_checkpoint import job_cfg, save
+
+    cfg = job_cfg(f"{s3_bucket}/runs", keep=1)
+    assert save(cfg, 2) == f"{s3_bucket}/runs/run/step_2"
+    assert ckpt.is_committed(f"{s3_bucket}/runs/run/step_2")
+    monkeypatch.setattr(loop, "UPLOAD_BACKOFF_S", 0.1)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's own retries: keep the test short
+    proxy.down()
+    with pytest.raises(RuntimeError, match=r"checkpoint s3://.*/runs/run/step_4: rank 0 could not upload its "
+                                           r"part after 3 attempts .* the step is not committed"):
+        save(cfg, 4)
+    proxy.up()
+    assert not fs.exists(f"{s3_bucket}/runs/run/step_4/{ckpt.COMMIT_MARKER}")
+    assert ckpt.latest_committed(f"{s3_bucket}/runs", "run") == f"{s3_bucket}/runs/run/step_2"
+    assert fs.exists(f"{s3_bucket}/runs/run/step_2/trainer_state.json")  # not pruned
+
+
+def test_upload_survives_a_short_outage(s3_bucket, proxy, monkeypatch):
+    from test_faults_checkpoint import job_cfg, save
+
+    cfg = job_cfg(f"{s3_bucket}/runs", keep=1)
+    monkeypatch.setattr(loop, "UPLOAD_BACKOFF_S", 3.0)
+    real_put = loop._upload
+    calls = []
+
+    def upload(local, final, rank):  # S3 goes away just as the upload starts, for 2 s
+        calls.append(final)
+        proxy.down()
+        threading.Timer(2.0, proxy.up).start()
+        real_put(local, final, rank)
+
+    monkeypatch.setattr(loop, "_upload", upload)
+    assert save(cfg, 2) == f"{s3_bucket}/runs/run/step_2"
+    assert ckpt.is_committed(f"{s3_bucket}/runs/run/step_2") and len(calls) == 1
+    assert fs.exists(f"{s3_bucket}/runs/run/step_2/hf/model.safetensors")

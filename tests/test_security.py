@@ -1,0 +1,235 @@
+"""Security properties: no credential in params / config artifacts / checkpoints / manifests / logs;
+weights are loaded only through safetensors or torch.load(weights_only=True); the registered
+MLflow model holds no pickle; shard names cannot escape their folder; UIs bind to loopback."""
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+import tarfile
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+REPO = Path(__file__).resolve().parent.parent
+PKG = REPO / "aov_dist"
+PLANTED = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYPLANTED"
+
+
+def test_max_tokens_are_not_mistaken_for_secrets_but_keys_are():
+    from aov_dist.config import TrainJobConfig
+    from aov_dist.tracking.redact import MASK, flatten, redact
+
+    flat = flatten(redact(OmegaConf.to_container(OmegaConf.structured(TrainJobConfig()))))
+    assert flat["eval.judge.max_tokens"] == 256 and flat["eval.max_new_tokens"] == 64
+    assert redact({"aws_secret_access_key": PLANTED, "judge": {"api_key": PLANTED, "api_key_env": "X"},
+                   "AWS_SESSION_TOKEN": PLANTED}) == {
+        "aws_secret_access_key": MASK, "judge": {"api_key": MASK, "api_key_env": "X"}, "AWS_SESSION_TOKEN": MASK}
+
+
+def _planted_container() -> dict:
+    from aov_dist.config import TrainJobConfig
+
+    c = OmegaConf.to_container(OmegaConf.structured(TrainJobConfig()))
+    c["cluster"]["k8s"]["s3_secret"] = PLANTED  # a secret-looking key somebody filled in
+    return c
+
+
+def test_planted_secret_never_reaches_params_or_the_config_artifact(tmp_path, monkeypatch, caplog):
+    from mlflow.tracking import MlflowClient
+
+    from aov_dist.tracking.config import TrackingConfig
+    from aov_dist.tracking.mlflow_tracker import create_run
+    from aov_dist.tracking.redact import redact
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", PLANTED)
+    caplog.set_level(logging.DEBUG)
+    container = _planted_container()
+    cfg = TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", artifact_location=str(tmp_path / "art"),
+                         experiment="sec", system_metrics=False)
+    run_id = create_run(cfg, "job", container, OmegaConf.to_yaml(OmegaConf.create(redact(container))))
+    client = MlflowClient(cfg.uri)
+    run = client.get_run(run_id)
+    assert PLANTED not in repr(run.data.params) and PLANTED not in repr(run.data.tags)
+    assert run.data.params["cluster.k8s.s3_secret"] == "***"
+    assert run.data.params["eval.judge.max_tokens"] == "256"
+    text = Path(client.download_artifacts(run_id, "config.yaml", str(tmp_path / "dl"))).read_text()
+    assert PLANTED not in text and "max_tokens: 256" in text
+    assert PLANTED not in caplog.text
+
+
+def test_checkpoint_config_yaml_is_redacted(tmp_path):
+    from aov_dist.config import to_typed
+    from test_faults_checkpoint import job_cfg, save
+
+    cfg = job_cfg(str(tmp_path))
+    cfg.cluster.k8s.s3_secret = PLANTED
+    path = save(cfg, 2)
+    text = Path(path, "config.yaml").read_text()
+    assert PLANTED not in text
+    # still a valid job config (aov-export rebuilds the model from it)
+    assert to_typed(OmegaConf.to_container(OmegaConf.create(text))).eval.judge.max_tokens == 256
+    for f in Path(path).rglob("*"):
+        if f.is_file():
+            assert PLANTED.encode() not in f.read_bytes(), f
+
+
+def test_s3_credentials_never_reach_the_manifest(synthetic_data, s3_bucket, monkeypatch, caplog):
+    from aov_dist.data import fs
+    from aov_dist.data.shards import write_shards
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", PLANTED)  # moto accepts any secret
+    caplog.set_level(logging.DEBUG, logger="aov_dist")
+    write_shards([str(synthetic_data.train_json)], f"{s3_bucket}/shards", image_root=str(synthetic_data.image_root),
+                 shard_size_mb=0.5)
+    manifest = fs.read_bytes(f"{s3_bucket}/shards/manifest.json")
+    assert b'"shards"' in manifest and PLANTED.encode() not in manifest
+    assert PLANTED not in caplog.text
+
+
+# ---- only safe deserialisation in our code ----
+
+_UNSAFE = [
+    (re.compile(r"torch\.load\((?![^)]*weights_only\s*=\s*True)"), "torch.load without weights_only=True"),
+    (re.compile(r"\bpickle\.loads?\("), "pickle.load"),
+    (re.compile(r"\b(?:import|from)\s+(?:cloudpickle|dill)\b|\b(?:cloudpickle|dill)\.loads?\("), "cloudpickle/dill"),
+    (re.compile(r"trust_remote_code\s*=\s*True"), "trust_remote_code=True"),
+    (re.compile(r"python_model\s*=\s*[A-Za-z_]\w*\("), "pyfunc python_model object (cloudpickled)"),
+]
+
+
+def test_no_unsafe_deserialisation_in_the_package():
+    offenders = []
+    for path in sorted(PKG.rglob("*.py")):
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#", 1)[0]
+            for pattern, what in _UNSAFE:
+                if pattern.search(code):
+                    offenders.append(f"{path.relative_to(REPO)}:{n}: {what}: {line.strip()}")
+    assert offenders == []
+
+
+def test_the_grep_catches_what_it_should():
+    bad = ["import cloudpickle", "torch.load(f)", "torch.load(p, map_location='cpu')", "pickle.loads(b)",
+           "AutoModel.from_pretrained(p, trust_remote_code=True)", "log_model(python_model=Wrapper(), name='m')"]
+    good = ["torch.load(f, weights_only=True, map_location='cpu')", "python_model=MODEL_CODE,"]
+    assert all(any(p.search(b) for p, _ in _UNSAFE) for b in bad)
+    assert not any(p.search(g) for p, _ in _UNSAFE for g in good)
+
+
+def test_registered_model_is_logged_from_code_without_a_pickle(tmp_path):
+    import mlflow
+    import torch
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    from aov_dist.model import ModelConfig, build_model
+    from aov_dist.tracking.config import TrackingConfig
+    from aov_dist.tracking.model_registry import log_and_register
+
+    torch.manual_seed(0)
+    model, processor = build_model(ModelConfig(preset="tiny"))
+    hf = tmp_path / "hf"
+    model.save_pretrained(str(hf), safe_serialization=True)
+    processor.save_pretrained(str(hf))
+    cfg = TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", artifact_location=str(tmp_path / "art"),
+                         registered_model_name="aov-sec", system_metrics=False)
+    client = MlflowClient(cfg.uri)
+    exp = client.create_experiment("sec", artifact_location=str(tmp_path / "art"))
+    run_id = client.create_run(exp).info.run_id
+    assert log_and_register(cfg, run_id, str(hf)) == "models:/aov-sec/1"
+
+    mlflow.set_tracking_uri(cfg.uri)
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri="models:/aov-sec/1", dst_path=str(tmp_path / "dl")))
+    files = [str(p.relative_to(local)) for p in local.rglob("*") if p.is_file()]
+    assert not [f for f in files if f.endswith((".pkl", ".pickle")) or "python_model" in f and f.endswith(".pkl")], files
+    assert any(f.endswith("pyfunc_model.py") for f in files), files
+    assert any(f.endswith(".safetensors") for f in files), files
+    # it loads (running our code file) and scores like the model itself
+    image = tmp_path / "x.png"
+    Image.new("RGB", (64, 64), (120, 30, 30)).save(image)
+    scores = mlflow.pyfunc.load_model("models:/aov-sec/1").predict([str(image)])
+    enc = processor.encode_images([Image.open(image).convert("RGB")])
+    with torch.no_grad():
+        direct = float(model.eval().expert_forward(enc.pixel_values, enc.image_grids).scores[0])
+    assert scores == pytest.approx([direct], rel=1e-5)
+
+
+# ---- shard names cannot escape their folder ----
+
+def _tar_with(names: list[str], symlink: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for name in names:
+            data = b'{"id": "x", "conversations": [{"from": "human", "value": "hi"}], "images": []}'
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        if symlink:
+            info = tarfile.TarInfo(symlink)
+            info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            tf.addfile(info)
+    return buf.getvalue()
+
+
+HOSTILE = ["../../escape.json", "/tmp/aov_abs_escape.json", "sub/../../escape2.json"]
+
+
+def test_reader_never_writes_tar_members_to_disk(tmp_path, monkeypatch):
+    from aov_dist.data.decode import iter_tar_samples
+
+    work = tmp_path / "a" / "b"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    items = list(iter_tar_samples(io.BytesIO(_tar_with(HOSTILE, symlink="000009.img0.png")), "mem.tar"))
+    # members are read into memory by their base name only; nothing lands anywhere
+    assert [k for k, _ in items if isinstance(k, str)] == ["escape", "aov_abs_escape", "escape2"]
+    assert not (tmp_path / "escape.json").exists() and not Path("/tmp/aov_abs_escape.json").exists()
+    assert sorted(os.listdir(tmp_path)) == ["a"] and os.listdir(work) == []
+
+
+def test_inspect_refuses_traversal_and_links(tmp_path):
+    from aov_dist.data.shard_inspect import ShardFormatError, _parse
+
+    for names, link in [([n], None) for n in HOSTILE] + [([], "000000.img0.png")]:
+        with pytest.raises(ShardFormatError, match="unexpected or unsafe member"):
+            list(_parse(io.BytesIO(_tar_with(names, symlink=link)), "evil.tar"))
+
+
+def test_manifest_urls_cannot_leave_the_shard_folder(tmp_path):
+    import json
+
+    from aov_dist.data.config import DataConfig, DatasetSpec
+    from aov_dist.data.stream import build_loader
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m/manifest.json").write_text(json.dumps({
+        "format": "aov-shards", "version": 1, "shards": [{"url": "../outside.tar", "samples": 1}],
+        "totals": {"samples": 1, "labels": {}}}))
+    with pytest.raises(ValueError, match=r"unsafe relative path '\.\./outside\.tar'"):
+        build_loader(DataConfig(datasets=[DatasetSpec("d", str(tmp_path / "m/manifest.json"), 1.0)]), 0, 1,
+                     too_long_exceptions=())
+
+
+# ---- user interfaces on loopback by default ----
+
+def test_mlflow_ui_target_binds_to_loopback():
+    makefile = (REPO / "Makefile").read_text()
+    recipe = makefile.split("\nmlflow-ui:", 1)[1].split("\n\n", 1)[0]
+    assert "--host 127.0.0.1" in recipe and "0.0.0.0" not in recipe
+
+
+def test_local_ray_dashboard_binds_to_loopback(monkeypatch):
+    import ray
+
+    from aov_dist.config import TrainJobConfig
+    from aov_dist.train.driver import init_ray
+
+    calls = []
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    init_ray(TrainJobConfig())
+    assert len(calls) == 1 and calls[0]["dashboard_host"] == "127.0.0.1" and "address" not in calls[0]

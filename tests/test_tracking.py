@@ -1,0 +1,125 @@
+"""MLflow tracking: one run per job with redacted params and the resolved YAML, rank-0 tracker that
+buffers through a tracking outage, and a no-op twin."""
+from __future__ import annotations
+
+import logging
+import socket
+import time
+
+import pytest
+
+from aov_dist.tracking.config import TrackingConfig
+from aov_dist.tracking.mlflow_tracker import MlflowTracker, NullTracker, create_run, make_tracker
+from aov_dist.tracking.redact import MASK, flatten, redact
+
+RESOLVED = {
+    "stage": {"name": "stage1", "lr": {"expert": 1e-4}},
+    "eval": {"judge": {"api_key": "sk-live-123", "api_key_env": "AOV_JUDGE_API_KEY", "base_url": None}},
+    "storage": {"aws_secret_access_key": "abc", "password": "", "datasets": [{"name": "s", "token": "t0k"}]},
+}
+
+
+def test_redact_masks_secret_values_only():
+    safe = redact(RESOLVED)
+    assert safe["eval"]["judge"] == {"api_key": MASK, "api_key_env": "AOV_JUDGE_API_KEY", "base_url": None}
+    assert safe["storage"]["aws_secret_access_key"] == MASK
+    assert safe["storage"]["password"] == ""  # nothing to hide
+    assert safe["storage"]["datasets"] == [{"name": "s", "token": MASK}]
+    assert safe["stage"] == RESOLVED["stage"]
+    assert RESOLVED["eval"]["judge"]["api_key"] == "sk-live-123"  # the input is not modified
+
+
+def test_flatten_dotted_keys():
+    assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": None}) == {"a.b": 1, "a.c.d": [1, 2], "e": None}
+
+
+def test_create_run_one_run_with_redacted_params_and_yaml(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    cfg = TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", artifact_location=str(tmp_path / "art"),
+                         experiment="exp-a", system_metrics=False)
+    run_id = create_run(cfg, "job-1", RESOLVED, "stage:\n  name: stage1\n", tags={"aov.stage": "stage1"})
+    client = MlflowClient(cfg.uri)
+    exp = client.get_experiment_by_name("exp-a")
+    runs = client.search_runs([exp.experiment_id])
+    assert [r.info.run_id for r in runs] == [run_id]
+    run = runs[0]
+    assert run.info.run_name == "job-1" and run.data.tags["aov.stage"] == "stage1"
+    params = run.data.params
+    assert params["stage.name"] == "stage1" and params["stage.lr.expert"] == "0.0001"
+    assert params["eval.judge.api_key"] == MASK and params["eval.judge.api_key_env"] == "AOV_JUDGE_API_KEY"
+    assert "sk-live-123" not in str(params)
+    local = client.download_artifacts(run_id, "config.yaml", str(tmp_path / "dl"))
+    assert open(local).read() == "stage:\n  name: stage1\n"
+
+
+def test_disabled_tracking_creates_nothing(tmp_path):
+    cfg = TrackingConfig(enabled=False, uri=f"sqlite:///{tmp_path}/mlflow.db")
+    assert create_run(cfg, "job", RESOLVED, "") is None
+    assert not (tmp_path / "mlflow.db").exists()
+    assert isinstance(make_tracker(cfg, "some-run", rank=0), NullTracker)
+    on = TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", system_metrics=False)
+    assert isinstance(make_tracker(on, "some-run", rank=1), NullTracker)  # only rank 0 logs
+    assert isinstance(make_tracker(on, None, rank=0), NullTracker)
+
+
+class _FlakyClient:
+    """Fails while ``down``; records what reached the 'server'."""
+
+    def __init__(self):
+        self.down = False
+        self.calls: list[tuple] = []
+
+    def _call(self, *args):
+        if self.down:
+            raise ConnectionError("tracking server down")
+        self.calls.append(args)
+
+    def log_batch(self, run_id, metrics=()):
+        self._call("metrics", run_id, [(m.key, m.value, m.step) for m in metrics])
+
+    def set_tag(self, run_id, key, value):
+        self._call("tag", run_id, key, value)
+
+
+def test_tracker_buffers_through_an_outage_and_flushes_in_order(caplog, monkeypatch):
+    # another Hydra app in this pytest process may have disabled existing loggers
+    monkeypatch.setattr(logging.getLogger("aov_dist.tracking.mlflow_tracker"), "disabled", False)
+    client = _FlakyClient()
+    t = MlflowTracker("http://unused", "run-1", client=client, retry_after_s=0.0)
+    t.log_metrics({"loss": 1.0}, step=1)
+    client.down = True
+    t.log_metrics({"loss": 0.9}, step=2)  # must not raise
+    t.set_tag("aov.checkpoint.2", "/ckpt/step_2")
+    assert len(t.pending) == 2 and t.failures == 2  # retry_after_s=0: every call tries again
+    assert "training continues" in caplog.text
+    client.down = False
+    t.log_metrics({"loss": 0.8}, step=3)
+    assert not t.pending
+    assert client.calls == [("metrics", "run-1", [("loss", 1.0, 1)]), ("metrics", "run-1", [("loss", 0.9, 2)]),
+                            ("tag", "run-1", "aov.checkpoint.2", "/ckpt/step_2"),
+                            ("metrics", "run-1", [("loss", 0.8, 3)])]
+
+
+def test_tracker_leaves_a_dead_server_alone_and_drops_overflow():
+    client = _FlakyClient()
+    client.down = True
+    t = MlflowTracker("http://unused", "run-1", client=client, retry_after_s=3600.0, max_buffer=3)
+    for step in range(5):
+        t.log_metrics({"loss": float(step)}, step=step)
+    assert t.failures == 1  # one attempt, then no calls until retry_after_s has passed
+    assert t.dropped == 2 and len(t.pending) == 3
+    client.down = False
+    t.close()  # close forces a last flush: the 3 newest entries arrive
+    assert [c[2][0][2] for c in client.calls] == [2, 3, 4]
+
+
+def test_unreachable_server_at_job_start_runs_untracked(monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nobody listens there
+    t0 = time.monotonic()
+    assert create_run(TrackingConfig(uri=f"http://127.0.0.1:{port}"), "job", RESOLVED, "") is None
+    assert time.monotonic() - t0 < 30
