@@ -66,6 +66,9 @@ mlflow-ui: setup
 
 bench: shards
 	$(PY) benchmarks/bench_loader.py
+	$(PY) benchmarks/bench_trainer.py
+	$(PY) benchmarks/bench_eval.py
+	$(PY) benchmarks/bench_checkpoint.py
 
 # ---- cluster: Ray job submission, KubeRay manifests, a 2-node Ray cluster on this machine ----
 # NODES: cluster.nodes; CLUSTER: conf/cluster/<preset>.yaml; ARGS: Hydra overrides for the job;

@@ -133,3 +133,17 @@ def synthetic_shards(synthetic_data, tmp_path_factory) -> SyntheticShards:
 
 # The 2-core CI box is shared: keep BLAS from spawning threads in every test process.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_ray_per_module():
+    """Drivers started in-process (training, the demo) leave Ray connected; modules that start
+    their own Ray with other settings need a clean slate."""
+    yield
+    import sys
+
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
