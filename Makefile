@@ -46,7 +46,8 @@ $(SYNTH_DIR)/shards/manifest.json:
 	$(PY) -m aov_dist.data.cli inspect $(SYNTH_DIR)/shards
 
 # ---- the main job and its parts ----
-TRAIN_ARGS ?= stage.global_batch_size=16 data.micro_batch_size=8 stage.max_steps=30 train.checkpoint_every_steps=10
+# the tiny tower has no pretrained weights: the demo-style stage 1 trains it too (see README)
+TRAIN_ARGS ?= stage.global_batch_size=16 data.micro_batch_size=8 stage.max_steps=60 train.checkpoint_every_steps=20 +stage.lr.vision_tower=1e-3
 train: shards
 	$(PY) -m aov_dist.train $(TRAIN_ARGS)
 
