@@ -55,10 +55,11 @@ def ray_cluster():
         assert pids and not survivors, f"cluster processes still alive after teardown: {survivors}"
 
 
-def _submit(cluster: local_cluster.LocalCluster, kind: str, overrides: list[str], sid: str) -> str:
+def _submit(cluster: local_cluster.LocalCluster, kind: str, overrides: list[str], sid: str,
+            options: tuple[str, ...] = ()) -> str:
     env = {**os.environ, "RAY_ADDRESS": cluster.dashboard_url, "RAY_AUTH_MODE": "disabled"}
     proc = subprocess.run([sys.executable, str(ROOT / "launch" / "submit.py"), kind, "--nodes", "2",
-                           "--cluster", "local", "--submission-id", sid, "--", *overrides],
+                           "--cluster", "local", "--submission-id", sid, *options, "--", *overrides],
                           capture_output=True, text=True, env=env, timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"ray job logs -f {sid}" in proc.stdout
@@ -125,7 +126,8 @@ def test_two_node_training(ray_cluster, synthetic_shards):
     root = Path(ray_cluster.root)
     overrides = ["cluster.workers_per_node=1", "cluster.shared_filesystem=true",
                  *[o.format(root=root, manifest=synthetic_shards.manifest_path) for o in TRAIN_OVERRIDES]]
-    sid = _submit(ray_cluster, "train", overrides, "aov-train-test")
+    # worker output reaches the job log only on request (the trainer keeps it out of the way)
+    sid = _submit(ray_cluster, "train", overrides, "aov-train-test", options=("--env", "AOV_WORKER_LOGS=1"))
     status, logs = _wait(ray_cluster, sid)
     assert status == "SUCCEEDED", logs[-8000:]
 
