@@ -13,7 +13,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from aov_dist.cluster.config import ClusterConfig, validate_cluster
+from aov_dist.cluster.config import ClusterConfig, ClusterConfigError, validate_cluster
 from aov_dist.data.config import DataConfig
 from aov_dist.eval.config import EvalConfig
 from aov_dist.model.config import ModelConfig
@@ -23,12 +23,9 @@ from aov_dist.train.config import SCHEDULES, STAGES, DeepSpeedConfig, StageConfi
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 
 
-class ConfigError(ValueError):
-    """A config that cannot work; the message starts with the dotted key to fix."""
-
-    def __init__(self, key: str, message: str):
-        super().__init__(f"{key}: {message}")
-        self.key = key
+class ConfigError(ClusterConfigError):
+    """A config that cannot work; the message starts with the dotted key to fix (``.key``).
+    The cluster section's own error is the same kind, so callers catch one type."""
 
 
 @dataclass
