@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 from typing import Optional
 
@@ -18,6 +17,7 @@ import pytest
 from aov_dist.config import TrainJobConfig
 from aov_dist.train import checkpoint as ckpt
 from aov_dist.train import loop
+from train_harness import free_port as _free_port
 
 
 class FakeStrategy:
@@ -125,11 +125,6 @@ def test_resume_from_an_uncommitted_folder_is_refused(tmp_path, synthetic_shards
 
 
 # ---- a real crash while writing step 4, then resume (1 gloo rank, ZeRO-3) ----
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _crashing_rank(rank: int, port: int, container: dict, out: str, crash_step: Optional[int]) -> None:

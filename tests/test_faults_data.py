@@ -7,13 +7,13 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 import tarfile
 import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
+from train_harness import free_port as _free_port
 
 pytestmark = pytest.mark.slow
 DEADLINE_S = 420
@@ -79,12 +79,6 @@ def bad_shards(src_manifest: Path, out: Path) -> tuple[str, dict[str, int], dict
     (out / "manifest.json").write_text(json.dumps(manifest))
     expected = {"bad_image": 1, "tiny_image": 1, "image_count_mismatch": 2, "bad_json": 1, "corrupt_tar": len(lost)}
     return str(out / "manifest.json"), expected, where
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank(rank: int, world: int, port: int, container: dict, run_id, out: str) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from aov_dist.tracking.mlflow_tracker import HTTP_RETRY_ENV, MlflowTracker
+from train_harness import free_port as _free_port
 
 
 def _dead_uri() -> str:
@@ -36,12 +37,6 @@ def test_dead_server_costs_seconds_not_minutes(monkeypatch, caplog):
     assert time.monotonic() - t0 < 0.5
     assert len(tracker.pending) == 5 and tracker.failures == 1
     assert "training continues" in caplog.text
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank(rank: int, port: int, container: dict, out: str) -> None:

@@ -5,17 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest
+from train_harness import free_port as _free_port
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank(rank: int, port: int, container: dict, out: str) -> None:

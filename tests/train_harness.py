@@ -61,7 +61,7 @@ def typed_cfg(overrides: list[str]):
     return c
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -98,7 +98,7 @@ def run_ranks(cfg, out_dir: str | Path) -> list[dict]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     container = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-    mp.spawn(_rank_main, args=(world, _free_port(), container, str(out_dir)), nprocs=world, join=True)
+    mp.spawn(_rank_main, args=(world, free_port(), container, str(out_dir)), nprocs=world, join=True)
     return [json.loads((out_dir / f"rank_{r}.json").read_text()) for r in range(world)]
 
 
