@@ -119,6 +119,111 @@ def test_the_grep_catches_what_it_should():
     assert not any(p.search(g) for p, _ in _UNSAFE for g in good)
 
 
+# ---- DeepSpeed's own checkpoint files (ds/) are unpickled safely ----
+
+class _PlantedPayload:
+    """What an attacker with write access to checkpoint storage would plant: unpickling it runs a
+    shell command (here a harmless ``touch`` of a marker file)."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch '{self.marker}'",)
+
+
+def test_deepspeed_checkpoint_engine_refuses_a_planted_pickle(tmp_path):
+    import torch
+
+    from aov_dist.train.strategy import UnsafeCheckpointError, safe_checkpoint_engine_class
+
+    marker = tmp_path / "code_ran"
+    bad = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torch.save({"optimizer_state_dict": {"loss_scaler": _PlantedPayload(str(marker))}}, bad)
+    engine = safe_checkpoint_engine_class()(None)
+    with pytest.raises(UnsafeCheckpointError, match=rf"DeepSpeed checkpoint file {re.escape(str(bad))}: refused"):
+        engine.load(str(bad), map_location="cpu")
+    assert not marker.exists()
+    # the payload is live: DeepSpeed's own engine (weights_only=False) would have run it
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    TorchCheckpointEngine(None).load(str(bad), map_location="cpu")
+    assert marker.exists()
+
+
+def test_safe_engine_loads_exactly_the_allowlisted_deepspeed_types(tmp_path):
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    from aov_dist.train.strategy import UnsafeCheckpointError, safe_load
+
+    state = {"zero_stage": ZeroStageEnum.weights, "loss_scaler": LossScaler(1.0), "overflow": False,
+             "param_slice_mappings": [{"w": fragment_address(numel=6, start=2)}], "fp32": [torch.arange(6.0)]}
+    torch.save(state, tmp_path / "ok.pt")
+    back = safe_load(str(tmp_path / "ok.pt"), map_location="cpu")
+    assert back["zero_stage"] is ZeroStageEnum.weights and vars(back["loss_scaler"]) == vars(state["loss_scaler"])
+    assert back["param_slice_mappings"] == state["param_slice_mappings"]
+    assert torch.equal(back["fp32"][0], torch.arange(6.0))
+    # fp16's dynamic scaler is not on the list (our config refuses fp16): minimal, not "all of DeepSpeed"
+    fp16 = DynamicLossScaler(2.0 ** 8, scale_window=1000, min_scale=1.0, delayed_shift=2, consecutive_hysteresis=False)
+    torch.save({"loss_scaler": fp16}, tmp_path / "fp16.pt")
+    with pytest.raises(UnsafeCheckpointError, match="DynamicLossScaler"):
+        safe_load(str(tmp_path / "fp16.pt"))
+
+
+def test_strategy_installs_the_safe_engine_and_load_requires_it():
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    from aov_dist.train.strategy import DeepSpeedStrategy, install_safe_checkpoint_engine, safe_checkpoint_engine_class
+
+    class Engine:
+        checkpoint_engine = None
+
+    engine = Engine()
+    engine.checkpoint_engine = TorchCheckpointEngine(None)
+    with pytest.raises(RuntimeError, match="without the safe checkpoint engine"):
+        DeepSpeedStrategy.load(engine, "/nonexistent/ds")
+    install_safe_checkpoint_engine(engine)
+    assert type(engine.checkpoint_engine) is safe_checkpoint_engine_class()
+    engine.checkpoint_engine = object()  # e.g. a fast/decoupled writer: its loads were not checked
+    with pytest.raises(RuntimeError, match="only the torch engine is supported"):
+        install_safe_checkpoint_engine(engine)
+
+
+@pytest.mark.slow
+def test_resume_from_a_real_checkpoint_with_a_planted_pickle_is_refused(tmp_path, synthetic_shards):
+    """Real ZeRO-2 files (1 gloo rank) pass the safe loader; the same checkpoint with its optimizer
+    file replaced by a payload stops the resume naming that file, before the payload runs and
+    before anything new is committed. (ZeRO-3's round trip: test_train_golden's resume test.)"""
+    import torch
+    from torch.multiprocessing import ProcessRaisedException
+
+    from aov_dist.train import checkpoint as ckpt
+    from aov_dist.train.strategy import verify_ds_checkpoint
+    from train_harness import run_ranks, tiny_overrides, typed_cfg
+
+    def cfg(steps: int):
+        return typed_cfg(tiny_overrides(synthetic_shards.manifest_path, tmp_path / "runs", world=1, num_workers=0,
+                                        zero=2, steps=steps, global_batch=2, micro=2, run_name="planted",
+                                        extra=["train.checkpoint_every_steps=2",
+                                               "train.export_hf_in_checkpoints=false"]))
+
+    first = run_ranks(cfg(2), tmp_path / "a")
+    step2 = first[0]["checkpoints"][-1]
+    files = verify_ds_checkpoint(f"{step2}/ds")  # the real ZeRO-2 files are within the allowlist
+    optim = [f for f in files if f.endswith("optim_states.pt")]
+    assert len(files) == 2 and len(optim) == 1
+    marker = tmp_path / "code_ran"
+    torch.save({"optimizer_state_dict": {"loss_scaler": _PlantedPayload(str(marker))}}, optim[0])
+    with pytest.raises(ProcessRaisedException, match=rf"UnsafeCheckpointError: DeepSpeed checkpoint file "
+                                                    rf"{re.escape(optim[0])}: refused"):
+        run_ranks(cfg(3), tmp_path / "b")
+    assert not marker.exists()
+    assert [(s, ok) for s, _, ok in ckpt.list_steps(str(tmp_path / "runs"), "planted")] == [(2, True)]
+
+
 def test_registered_model_is_logged_from_code_without_a_pickle(tmp_path):
     import mlflow
     import torch

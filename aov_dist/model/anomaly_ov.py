@@ -170,17 +170,17 @@ class AnomalyOVForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
             embeds = embeds.masked_scatter(mask[..., None], source)
         return embeds, expert_out
 
-    def _dummy_vision(self, embeds: Tensor) -> Tensor:
-        """Text-only batch: run tower + expert + projector on one blank view and add 0 x their sum,
-        so that every rank runs (and, under ZeRO-3, gathers) the same modules with zero effect."""
+    def _dummy_vision(self, device: torch.device) -> Tensor:
+        """Text-only batch: run tower + expert + projector on one blank view and return 0 x their sum
+        (to add to the embeddings), so that every rank runs (and, under ZeRO-3, gathers) the same
+        modules with zero effect."""
         size = self.config.vision_config.image_size
-        pixels = torch.zeros(1, 3, size, size, device=embeds.device, dtype=embeds.dtype)
+        pixels = torch.zeros(1, 3, size, size, device=device)  # _vision casts to the tower's dtype
         grids = torch.zeros(1, 2, dtype=torch.long)
-        sizes = torch.tensor([[size, size]], device=embeds.device)
+        sizes = torch.tensor([[size, size]], device=device)
         features, expert_out, idx = self._vision(pixels, grids)
         visual, anomaly = self._image_sequences(features, expert_out, idx, sizes)
-        zero = (visual[0].sum() + anomaly[0].sum() + expert_out.logits.sum()) * 0.0
-        return embeds + zero.to(embeds.dtype)
+        return (visual[0].sum() + anomaly[0].sum() + expert_out.logits.sum()) * 0.0
 
     # --------------------------------------------------------------- forward
     def forward(
@@ -212,11 +212,17 @@ class AnomalyOVForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
             else:
                 if token_type is not None and bool((token_type != TEXT).any()):
                     raise SpliceError("token_type marks image positions but the batch has no pixel_values")
-                inputs_embeds = self.get_input_embeddings()(input_ids)
                 # token_type present = a processor batch (training step or generate's prefill);
-                # decode steps never carry it, so they stay text-only.
+                # decode steps never carry it, so they stay text-only. The dummy vision pass runs
+                # before the embedding lookup, in the image path's order (_embed): under ZeRO-3 every
+                # rank gathers parameters module by module, and a different order on a text-only rank
+                # is a collective mismatch (gloo: "Received data size doesn't match expected size").
+                zero = None
                 if token_type is not None and self.config.vision_dummy_for_text_only:
-                    inputs_embeds = self._dummy_vision(inputs_embeds)
+                    zero = self._dummy_vision(input_ids.device)
+                inputs_embeds = self.get_input_embeddings()(input_ids)
+                if zero is not None:
+                    inputs_embeds = inputs_embeds + zero.to(inputs_embeds.dtype)
         out = super().forward(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,

@@ -45,22 +45,25 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _global_mean(value: float, world: int) -> float:
-    t = torch.tensor([value], dtype=torch.float64)
-    if world > 1:
-        dist.all_reduce(t)
-    return float(t.item()) / world
+@dataclass
+class StepTotals:
+    loss: float  # mean over ranks of each rank's mean micro-batch loss
+    tokens: int  # summed over ranks
+    skipped: dict[str, int]  # per skip reason, summed over ranks (the job's bad samples)
 
 
-def _global_counts(counts: dict[str, int], world: int) -> dict[str, int]:
-    """Per-reason counts summed over ranks; a fixed reason list keeps the collective the same size
-    on every rank."""
+def _step_totals(loss: float, tokens: int, skipped: dict[str, int], world: int) -> StepTotals:
+    """One all-reduce per step for every number the step logs: collectives cost a round trip each
+    (three of them per step before, issue 8). A fixed reason list keeps the tensor the same size on
+    every rank."""
     from aov_dist.data.decode import SKIP_REASONS
 
-    t = torch.tensor([float(counts.get(k, 0)) for k in SKIP_REASONS], dtype=torch.float64)
+    t = torch.tensor([loss, float(tokens), *(float(skipped.get(k, 0)) for k in SKIP_REASONS)],
+                     dtype=torch.float64)
     if world > 1:
         dist.all_reduce(t)
-    return {k: int(v) for k, v in zip(SKIP_REASONS, t.tolist())}
+    v = t.tolist()
+    return StepTotals(v[0] / world, int(v[1]), {k: int(c) for k, c in zip(SKIP_REASONS, v[2:])})
 
 
 def _barrier(world: int) -> None:
@@ -132,18 +135,18 @@ def run_training(cfg: TrainJobConfig, rank: int, world: int, run_id: Optional[st
             loss_sum += float(loss.detach())
             tokens += n_tokens
         result.step += 1
-        step_loss = _global_mean(loss_sum / accum, world)
-        result.losses.append(step_loss)
+        totals = _step_totals(loss_sum / accum, tokens, loader.skipped, world)
+        result.losses.append(totals.loss)
         elapsed = time.perf_counter() - t0
-        metrics = {"loss": step_loss, "epoch": loader.epoch,
+        metrics = {"loss": totals.loss, "epoch": loader.epoch,
                    "samples_per_s": cfg.stage.global_batch_size / elapsed,
-                   "tokens_per_s": _global_mean(tokens, world) * world / elapsed}
-        norm = engine.get_global_grad_norm()
+                   "tokens_per_s": totals.tokens / elapsed}
+        norm = engine.get_global_grad_norm()  # cached by the optimizer step: no collective
         if norm is not None:
             metrics["grad_norm"] = float(norm)
         metrics.update({f"lr/{k}": v for k, v in strategy.group_lrs(engine).items()})
         # summed over ranks (every rank reads other shards): the job's bad samples, not rank 0's
-        metrics.update({f"data/skipped_{k}": v for k, v in _global_counts(loader.skipped, world).items() if v})
+        metrics.update({f"data/skipped_{k}": v for k, v in totals.skipped.items() if v})
         mfu = _mfu(cfg, n_params, metrics["tokens_per_s"], world)
         if mfu is not None:
             metrics["mfu"] = mfu
@@ -273,6 +276,12 @@ def worker_entry(config: dict[str, Any]) -> None:
     import ray.train
 
     cfg = to_typed(config["cfg"])
+    restarted_from = _reported_checkpoint()
+    if restarted_from:
+        # Ray restarted the worker group after a failure (FailureConfig.max_failures): continue
+        # from the newest checkpoint this job committed, not from where the job first started.
+        log.warning("worker group restarted: resuming from %s", restarted_from)
+        cfg.train.resume_from = restarted_from
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     progress = config.get("progress")
@@ -296,3 +305,19 @@ def worker_entry(config: dict[str, Any]) -> None:
     if rank == 0 and progress is not None:
         progress.put_nowait({"done": True, "losses": result.losses, "skipped": result.skipped,
                              "checkpoints": result.checkpoints, "resumed_from": result.resumed_from})
+
+
+def _reported_checkpoint() -> Optional[str]:
+    """The step folder of the newest checkpoint this job reported to Ray (a pointer), if any.
+    Ray hands it back only when it restarts the workers of a running job."""
+    import ray.train
+
+    chk = ray.train.get_checkpoint()
+    if chk is None:
+        return None
+    with chk.as_directory() as d:
+        pointer = os.path.join(d, "pointer.txt")
+        if not os.path.exists(pointer):
+            return None
+        with open(pointer) as f:
+            return f.read().strip() or None
