@@ -20,6 +20,25 @@ def tiny_checkpoint(tmp_path_factory) -> str:
     return str(step)
 
 
+@pytest.fixture(scope="module")
+def other_checkpoint(tmp_path_factory) -> str:
+    """A second committed step folder: the tiny model with every weight perturbed."""
+    import torch
+
+    from aov_dist.model import ModelConfig, build_model
+
+    step = tmp_path_factory.mktemp("ckpt2") / "run" / "step_6"
+    model, processor = build_model(ModelConfig())  # (its init is seeded: perturb it ourselves)
+    gen = torch.Generator().manual_seed(1234)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    model.save_pretrained(step / "hf")
+    processor.save_pretrained(step / "hf")
+    (step / "COMMITTED").write_text("")
+    return str(step)
+
+
 def _cfg(bench, **kw) -> EvalConfig:
     return EvalConfig(benchmark=str(bench), limit=6, batch_size=2, max_new_tokens=6, **kw)
 
@@ -43,6 +62,31 @@ def test_two_workers_equal_one_worker_on_the_tiny_model(tiny_checkpoint, synthet
     assert all(0.0 <= r["expert_score"] <= 1.0 for r in two.detection_rows)
     # multi-turn: later turns were generated (the history grew with the model's own replies)
     assert max(r["turn"] for r in two.reasoning_rows) == 3
+
+
+@pytest.mark.slow
+def test_evaluator_loads_the_next_checkpoint_into_the_same_workers(tiny_checkpoint, other_checkpoint,
+                                                                    synthetic_data):
+    import dataclasses
+
+    import ray
+
+    from aov_dist.eval.evaluate import Evaluator, evaluate
+
+    cfg = _cfg(synthetic_data.benchmark_dir, num_workers=2, tasks=["detection"], plots=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        with Evaluator(cfg) as ev:
+            first = ev(tiny_checkpoint)
+            who_first = list(ev.pool.loaded_by)
+            second = ev(other_checkpoint)
+            who_second = list(ev.pool.loaded_by)
+        fresh = evaluate(dataclasses.replace(cfg, num_workers=1), other_checkpoint)
+    finally:
+        ray.shutdown()
+    assert len(who_first) == 2 and who_second == who_first  # same actor ids and processes
+    assert second.detection_rows == fresh.detection_rows and second.metrics == fresh.metrics
+    assert [r["expert_score"] for r in second.detection_rows] != [r["expert_score"] for r in first.detection_rows]
 
 
 @pytest.mark.slow

@@ -103,3 +103,54 @@ def test_ray_two_workers_equal_one_worker_and_in_process(bench_dir):
     finally:
         ray.shutdown()
     assert two == one == ref
+
+
+class ShiftedBackend(FakeBackend):
+    """A second 'checkpoint': the same fake model with other expert scores, so a pool that kept
+    the first model would be caught."""
+
+    def image_scores(self, images):
+        return [s + 1.0 for s in super().image_scores(images)]
+
+
+@pytest.mark.slow
+def test_worker_pool_is_reused_across_checkpoints_and_equals_a_fresh_pool(bench_dir):
+    import ray
+    from ray import cloudpickle
+
+    from aov_dist.eval.runner import WorkerPool
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # tests/ is not importable on workers
+    b = load_benchmark(bench_dir)
+    tasks = ["detection", "reasoning"]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        with WorkerPool(2) as pool:
+            first = run_distributed(b, tasks, 4, 2, FakeBackend, pool=pool)
+            who_first = list(pool.loaded_by)
+            second = run_distributed(b, tasks, 4, 2, ShiftedBackend, pool=pool)
+            who_second = list(pool.loaded_by)
+            # an actor that died is replaced on the next call, which still gives the same rows
+            ray.kill(pool.actors[0])
+            third = run_distributed(b, tasks, 4, 2, ShiftedBackend, pool=pool)
+            who_third = list(pool.loaded_by)
+        assert pool.actors == []  # closed by the with block
+        fresh_second = run_distributed(b, tasks, 4, 2, ShiftedBackend)
+    finally:
+        ray.shutdown()
+    assert len(who_first) == 2 and len({pid for _, pid in who_first}) == 2
+    assert who_second == who_first  # the same actors (ids and processes) loaded the 2nd checkpoint
+    assert not set(who_third) & set(who_first)
+    assert first == run_in_process(b, tasks, 4, FakeBackend)
+    assert second == fresh_second == third == run_in_process(b, tasks, 4, ShiftedBackend)
+    assert second["detection"] != first["detection"]  # the new model answered, not the old one
+
+
+def test_evaluator_without_workers_runs_in_process(bench_dir):
+    from aov_dist.eval.evaluate import Evaluator
+
+    cfg = EvalConfig(benchmark=bench_dir, num_workers=0, batch_size=4, plots=False)
+    with Evaluator(cfg) as ev:
+        assert ev.pool is None
+        res = ev("fake-a", backend_factory=FakeBackend)
+    assert res.detection_rows == evaluate(cfg, "fake-a", backend_factory=FakeBackend).detection_rows

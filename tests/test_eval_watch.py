@@ -148,3 +148,31 @@ def test_parse_state_rejects_garbage():
     assert parse_state("failed:3: boom: x").message == "boom: x"
     with pytest.raises(ValueError, match="unreadable"):
         parse_state("maybe")
+
+
+class ReleasingEval(FakeEval):
+    """An Evaluator stand-in: records when the watcher lets its workers go."""
+
+    def release(self) -> None:
+        self.calls.append("release")
+
+
+def test_watch_keeps_workers_while_busy_and_releases_them_when_idle(store):
+    client, run_id, root = store
+    ck10 = _checkpoint(client, run_id, root, 10)
+    ev = ReleasingEval()
+    polls = []
+
+    def sleep(_s):  # a new checkpoint arrives during the first sleep only
+        polls.append(len(polls))
+        if len(polls) == 1:
+            _checkpoint(client, run_id, root, 20)
+
+    Watcher(client, ev).watch(run_id=run_id, poll_s=1, max_idle_polls=2, sleep=sleep)
+    ck20 = str(root / "ckpt" / "train" / "step_20")
+    # busy, busy (workers kept: step 20 reuses them), idle -> release, idle -> release and stop
+    assert ev.calls == [ck10, ck20, "release", "release"]
+    ev2 = ReleasingEval()
+    Watcher(client, ev2, release_when_idle=False).watch(run_id=run_id, poll_s=1, max_idle_polls=1,
+                                                        sleep=lambda s: None)
+    assert ev2.calls == []

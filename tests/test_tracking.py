@@ -123,3 +123,94 @@ def test_unreachable_server_at_job_start_runs_untracked(monkeypatch):
     t0 = time.monotonic()
     assert create_run(TrackingConfig(uri=f"http://127.0.0.1:{port}"), "job", RESOLVED, "") is None
     assert time.monotonic() - t0 < 30
+
+
+class _GatedClient(_FlakyClient):
+    """Every call waits until ``gate`` is set: a tracking server slower than the training step."""
+
+    def __init__(self):
+        super().__init__()
+        import threading
+
+        self.gate = threading.Event()
+
+    def _call(self, *args):
+        assert self.gate.wait(30), "gate never opened"
+        super()._call(*args)
+
+
+def test_background_tracker_never_blocks_and_sends_everything_in_order():
+    from aov_dist.tracking.mlflow_tracker import BackgroundTracker
+
+    client = _GatedClient()
+    t = BackgroundTracker(MlflowTracker("http://unused", "run-1", client=client, retry_after_s=0.0))
+    t0 = time.monotonic()
+    stamps = []
+    for step in range(1, 6):
+        stamps.append(int(time.time() * 1000))
+        t.log_metrics({"loss": 1.0 / step, "lr": 0.1}, step=step)
+        if step == 3:
+            t.set_tag("aov.checkpoint.3", "/ckpt/step_3")
+    assert time.monotonic() - t0 < 1.0  # the server has answered nothing yet
+    assert client.calls == []
+    client.gate.set()
+    t.close()
+    # metric rows queued together went out as one log_batch; the tag stays between steps 3 and 4
+    events = [x for c in client.calls for x in ([("tag", c[2])] if c[0] == "tag" else [(k, s) for k, _, s in c[2]])]
+    assert events == [(k, s) for s in range(1, 4) for k in ("loss", "lr")] + [("tag", "aov.checkpoint.3")] + \
+        [(k, s) for s in range(4, 6) for k in ("loss", "lr")]
+    assert len(client.calls) < 6  # 5 metric rows + 1 tag, merged while the server was slow
+
+
+def test_background_tracker_keeps_the_step_timestamp(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    cfg = TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", artifact_location=str(tmp_path / "art"),
+                         experiment="bg", system_metrics=False)
+    run_id = create_run(cfg, "job", {}, "")
+    t = make_tracker(cfg, run_id, rank=0)
+    before = int(time.time() * 1000)
+    for step in range(1, 41):
+        t.log_metrics({"loss": float(step), "tokens_per_s": 2.0 * step}, step=step)
+    after = int(time.time() * 1000)
+    time.sleep(0.05)
+    t.close()
+    hist = MlflowClient(cfg.uri).get_metric_history(run_id, "loss")
+    assert sorted((m.step, m.value) for m in hist) == [(s, float(s)) for s in range(1, 41)]
+    # the time of the log_metrics call (the step's end), not of the later write
+    assert all(before <= m.timestamp <= after for m in hist)
+    assert len(MlflowClient(cfg.uri).get_metric_history(run_id, "tokens_per_s")) == 40
+
+
+def test_background_tracker_drops_the_oldest_when_its_queue_is_full():
+    from aov_dist.tracking.mlflow_tracker import BackgroundTracker
+
+    client = _GatedClient()
+    t = BackgroundTracker(MlflowTracker("http://unused", "run-1", client=client), max_queue=3)
+    t.log_metrics({"loss": 0.0}, step=0)
+    deadline = time.monotonic() + 10
+    while not t._busy and time.monotonic() < deadline:  # the thread took step 0 and waits on the server
+        time.sleep(0.01)
+    for step in range(1, 6):
+        t.log_metrics({"loss": float(step)}, step=step)
+    assert t.dropped == 2
+    client.gate.set()
+    assert t.flush(timeout=10)
+    t.close()
+    assert [s for c in client.calls for _, _, s in c[2]] == [0, 3, 4, 5]
+
+
+def test_background_tracker_close_reports_an_outage(caplog, monkeypatch):
+    from aov_dist.tracking.mlflow_tracker import BackgroundTracker
+
+    monkeypatch.setattr(logging.getLogger("aov_dist.tracking.mlflow_tracker"), "disabled", False)
+    client = _FlakyClient()
+    client.down = True
+    t = BackgroundTracker(MlflowTracker("http://unused", "run-1", client=client, retry_after_s=3600.0))
+    for step in range(3):
+        t.log_metrics({"loss": float(step)}, step=step)
+    t.close()
+    assert "training continues" in caplog.text and "could not be sent" in caplog.text
+    assert client.calls == []
+    with pytest.raises(RuntimeError, match="after close"):
+        t.log_metrics({"loss": 1.0}, step=9)

@@ -17,7 +17,7 @@ from aov_dist.cluster.config import ClusterConfig
 from aov_dist.eval.config import EvalConfig
 from aov_dist.eval.metrics import detection_metrics, flatten, mean_or_none, rouge_l, sbert_cosine
 from aov_dist.eval.predictor import Backend, anomaly_ov_factory
-from aov_dist.eval.runner import run_distributed
+from aov_dist.eval.runner import WorkerPool, run_distributed
 
 log = logging.getLogger(__name__)
 
@@ -103,11 +103,14 @@ def _map_samples(rows: list[dict], order: list[int], root: str, max_image_side: 
 
 def evaluate(cfg: EvalConfig, checkpoint: str, cluster: Optional[ClusterConfig] = None,
              backend_factory: Optional[Callable[[], Backend]] = None,
-             tracking_uri: Optional[str] = None, with_maps: Optional[bool] = None) -> EvalResult:
+             tracking_uri: Optional[str] = None, with_maps: Optional[bool] = None,
+             pool: Optional[WorkerPool] = None) -> EvalResult:
     """Evaluate ``checkpoint`` (already resolved, see checkpoints.resolve) on cfg.benchmark.
 
     ``tracking_uri`` lets workers download runs:/ and models:/ checkpoints. ``with_maps`` (default
     cfg.plots) asks the workers for the expert maps of the overlay images (select_map_indices).
+    ``pool``: live Ray workers to reuse (see ``Evaluator``); without one, workers are started for
+    this call only.
     """
     cluster = cluster or ClusterConfig()
     bench = load_benchmark(cfg.benchmark,
@@ -118,7 +121,7 @@ def evaluate(cfg: EvalConfig, checkpoint: str, cluster: Optional[ClusterConfig] 
     with_maps = cfg.plots if with_maps is None else with_maps
     map_indices = select_map_indices(bench.detection, cfg.map_anomalous, cfg.map_normal) if with_maps else []
     rows = run_distributed(bench, cfg.tasks, cfg.batch_size, cfg.num_workers, factory, cluster,
-                           cfg.max_image_side, map_indices)
+                           cfg.max_image_side, map_indices, pool=pool)
     result = EvalResult(checkpoint=checkpoint, metrics={}, detection_rows=rows["detection"],
                         reasoning_rows=rows["reasoning"],
                         map_samples=_map_samples(rows["detection"], map_indices, bench.root, cfg.max_image_side))
@@ -127,6 +130,41 @@ def evaluate(cfg: EvalConfig, checkpoint: str, cluster: Optional[ClusterConfig] 
     if rows["reasoning"]:
         result.metrics["reasoning"] = score_reasoning(rows["reasoning"], cfg, result.notes)
     return result  # notes were logged where they arose; the report prints them again
+
+
+class Evaluator:
+    """``evaluate`` for checkpoint after checkpoint on one pool of Ray workers (the watcher, the
+    demo): the workers start once and load each new checkpoint instead of starting again.
+
+        with Evaluator(cfg, cluster, tracking_uri=uri) as ev:
+            Watcher(client, ev).scan_once(run_id=run_id)
+
+    The workers hold their CPUs/GPUs until ``close`` (or ``release``, after which the next call
+    starts new ones): release them before training needs the same resources.
+    """
+
+    def __init__(self, cfg: EvalConfig, cluster: Optional[ClusterConfig] = None,
+                 tracking_uri: Optional[str] = None, with_maps: Optional[bool] = None):
+        self.cfg, self.cluster = cfg, cluster or ClusterConfig()
+        self.tracking_uri, self.with_maps = tracking_uri, with_maps
+        self.pool = WorkerPool(cfg.num_workers, self.cluster) if cfg.num_workers > 0 else None
+
+    def __call__(self, checkpoint: str, backend_factory: Optional[Callable[[], Backend]] = None) -> EvalResult:
+        return evaluate(self.cfg, checkpoint, self.cluster, backend_factory, self.tracking_uri, self.with_maps,
+                        pool=self.pool)
+
+    def release(self) -> None:
+        """Stop the workers now; the next evaluation starts new ones."""
+        if self.pool is not None:
+            self.pool.close()
+
+    close = release
+
+    def __enter__(self) -> "Evaluator":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 def _columns(rows: list[dict]) -> dict[str, list]:

@@ -70,8 +70,14 @@ def _short(msg: str, limit: int = 400) -> str:
 
 
 class Watcher:
-    def __init__(self, client, evaluate_fn: EvaluateFn, max_attempts: int = 3, pictures: bool = True):
+    """``evaluate_fn`` may be an ``evaluate.Evaluator``: its Ray workers then serve every checkpoint
+    of a scan (and of consecutive busy polls) and, with ``release_when_idle``, are stopped after a
+    poll that found nothing to evaluate, so idle watching holds no CPUs or GPUs."""
+
+    def __init__(self, client, evaluate_fn: EvaluateFn, max_attempts: int = 3, pictures: bool = True,
+                 release_when_idle: bool = True):
         self.client = client
+        self.release_when_idle = release_when_idle
         self.pictures = pictures  # ROC / confusion / anomaly-map PNGs on the evaluation run
         self.evaluate_fn = evaluate_fn
         self.max_attempts = max_attempts
@@ -160,6 +166,9 @@ class Watcher:
             events = self.scan_once(experiment, run_id)
             busy = any(e[2] in ("evaluated", "failed") for e in events)
             idle = 0 if busy else idle + 1
+            release = getattr(self.evaluate_fn, "release", None)
+            if not busy and self.release_when_idle and callable(release):
+                release()
             if max_idle_polls is not None and idle >= max_idle_polls:
                 return
             sleep(poll_s)

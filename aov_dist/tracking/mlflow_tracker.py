@@ -5,6 +5,11 @@ disabled, ranks > 0). A tracking server that goes away never stops training: a f
 kept in a bounded buffer, the server is left alone for ``retry_after_s`` (so a dead server does
 not cost a network timeout per step), and the buffer is flushed on the next call after that;
 what overflows the buffer is dropped and counted, with one warning.
+
+``make_tracker`` wraps rank 0's tracker in a ``BackgroundTracker``: the training step only puts the
+call on a bounded queue (metric timestamps are taken at the call, i.e. at the step's end) and one
+daemon thread sends them in call order, merging the metric rows that queued up meanwhile into one
+``log_batch``. A synchronous sqlite write per step cost the step its duration (issue 8).
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import collections
 import logging
 import os
 import tempfile
+import threading
 import time
 from typing import Any, Callable, Mapping, Optional
 
@@ -21,6 +27,10 @@ from aov_dist.tracking.redact import flatten, redact
 log = logging.getLogger(__name__)
 CHECKPOINT_TAG = "aov.checkpoint."
 MAX_PARAM_LEN = 6000
+
+
+MetricRow = tuple[Mapping[str, float], int, int]  # (metrics, step, timestamp in ms)
+MAX_BATCH_METRICS = 1000  # MLflow's limit of metrics per log_batch request
 
 
 class Tracker:
@@ -104,12 +114,18 @@ class MlflowTracker(Tracker):
             self.pending.popleft()
         return True
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+    def log_metrics(self, metrics: Mapping[str, float], step: int, timestamp_ms: Optional[int] = None) -> None:
+        self.log_metric_rows([(metrics, step, timestamp_ms or int(time.time() * 1000))])
+
+    def log_metric_rows(self, rows: list[MetricRow]) -> None:
+        """Several steps' metrics in as few log_batch calls as MLflow allows (one per 1000)."""
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
-        self._submit("log_metrics", lambda: self.client.log_batch(self.run_id, metrics=batch))
+        batch = [Metric(k, float(v), ts, step) for metrics, step, ts in rows for k, v in metrics.items()
+                 if v is not None]
+        for i in range(0, len(batch), MAX_BATCH_METRICS):
+            part = batch[i:i + MAX_BATCH_METRICS]
+            self._submit("log_metrics", lambda part=part: self.client.log_batch(self.run_id, metrics=part))
 
     def set_tag(self, key: str, value: str) -> None:
         self._submit("set_tag", lambda: self.client.set_tag(self.run_id, key, value))
@@ -129,10 +145,102 @@ class MlflowTracker(Tracker):
                 pass
 
 
-def make_tracker(cfg: TrackingConfig, run_id: Optional[str], rank: int) -> Tracker:
+class BackgroundTracker(Tracker):
+    """Sends another tracker's calls from one daemon thread, in call order; the caller never waits
+    for the tracking server. The queue is bounded: when it is full the oldest call is dropped and
+    counted (one warning), as the MlflowTracker's own outage buffer does. ``flush`` waits until
+    everything queued so far was handed to the inner tracker; ``close`` flushes, stops the thread
+    and closes the inner tracker (its last forced flush and warnings)."""
+
+    def __init__(self, inner: MlflowTracker, max_queue: int = 10000, close_timeout_s: float = 120.0):
+        self.inner, self.run_id = inner, inner.run_id
+        self.close_timeout_s = close_timeout_s
+        self._queue: collections.deque[tuple[str, Any]] = collections.deque(maxlen=max_queue)
+        self._cond = threading.Condition()
+        self._busy = False  # the thread holds calls it took off the queue
+        self._closing = False
+        self.dropped = 0
+        self._thread = threading.Thread(target=self._run, name="aov-mlflow-tracker", daemon=True)
+        self._thread.start()
+
+    def _put(self, kind: str, payload: Any) -> None:
+        with self._cond:
+            if self._closing:
+                raise RuntimeError("BackgroundTracker: call after close()")
+            if len(self._queue) == self._queue.maxlen:
+                self.dropped += 1
+                if self.dropped == 1:
+                    log.warning("MLflow: the tracking queue is full (%d calls); the oldest are dropped",
+                                self._queue.maxlen)
+            self._queue.append((kind, payload))
+            self._cond.notify_all()
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        # copy: the caller may reuse its dict; the timestamp is the step's, not the write's
+        self._put("metrics", (dict(metrics), step, int(time.time() * 1000)))
+
+    def set_tag(self, key: str, value: str) -> None:
+        self._put("call", lambda: self.inner.set_tag(key, value))
+
+    def log_artifact(self, local_path: str, artifact_path: Optional[str] = None) -> None:
+        self._put("call", lambda: self.inner.log_artifact(local_path, artifact_path))
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                if not self._queue and self._closing:
+                    return
+                taken = list(self._queue)
+                self._queue.clear()
+                self._busy = True
+            try:
+                self._send(taken)
+            except Exception as e:  # the inner tracker buffers its own failures; this is a bug guard
+                log.warning("MLflow background tracker: %s: %s", type(e).__name__, e)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def _send(self, taken: list[tuple[str, Any]]) -> None:
+        rows: list[MetricRow] = []
+        for kind, payload in taken:
+            if kind == "metrics":
+                rows.append(payload)
+                continue
+            if rows:  # metrics queued before this call go first: order is kept
+                self.inner.log_metric_rows(rows)
+                rows = []
+            payload()
+        if rows:
+            self.inner.log_metric_rows(rows)
+
+    def flush(self, timeout: Optional[float] = None) -> bool:
+        """Wait until every call queued so far reached the inner tracker. False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._queue and not self._busy, timeout)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join(self.close_timeout_s)
+        if self._thread.is_alive():  # a server call hangs: leave it, never block the job's end
+            log.warning("MLflow: tracking calls still being sent after %.0f s; not waiting for them",
+                        self.close_timeout_s)
+            return
+        if self.dropped:
+            log.warning("MLflow: %d tracking calls were dropped (queue full)", self.dropped)
+        self.inner.close()
+
+
+def make_tracker(cfg: TrackingConfig, run_id: Optional[str], rank: int, background: bool = True) -> Tracker:
     if not cfg.enabled or run_id is None or rank != 0:
         return NullTracker()
-    return MlflowTracker(cfg.uri, run_id, system_metrics=cfg.system_metrics)
+    inner = MlflowTracker(cfg.uri, run_id, system_metrics=cfg.system_metrics)
+    return BackgroundTracker(inner) if background else inner
 
 
 def create_run(cfg: TrackingConfig, run_name: str, resolved: Mapping[str, Any], resolved_yaml: str,
