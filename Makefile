@@ -11,7 +11,8 @@ STAMP := $(VENV)/.installed
 export DS_ACCELERATOR ?= cpu
 export DS_BUILD_OPS ?= 0
 export RAY_USAGE_STATS_ENABLED ?= 0
-PYTEST_ARGS ?=
+# the 25 slowest tests are listed at the end of every run (CI time budget: keep `make test` < ~25 min)
+PYTEST_ARGS ?= --durations=25
 
 .PHONY: setup test test-fast demo shards train eval export launch launch-eval k8s mlflow-ui bench clean
 

@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -51,15 +52,36 @@ def ensure_data(data_dir: str, synth: dict[str, Any]) -> str:
     from aov_dist.data.synth import SynthConfig, generate
 
     manifest = os.path.join(data_dir, "shards", "manifest.json")
-    if os.path.exists(manifest):
+    meta = os.path.join(data_dir, "meta.json")
+    if os.path.exists(manifest) and _same_synth(meta, synth):
         _say(f"[1/5] data: reusing {manifest}")
         return manifest
+    if os.path.exists(manifest):
+        _say(f"[1/5] data: {meta} was generated with other settings than conf/demo.yaml: regenerating")
     _say(f"[1/5] data: generating synthetic Anomaly-Instruct + VisA-D&R-format data in {data_dir}")
     generate(SynthConfig(out=data_dir, **synth))
     write_shards([os.path.join(data_dir, "train", "synthetic_instruct.json")], os.path.join(data_dir, "shards"),
                  image_root=os.path.join(data_dir, "train", "images"), shard_size_mb=2, on_error="fail",
                  overwrite=True)
     return manifest
+
+
+def _same_synth(meta_path: str, synth: dict[str, Any]) -> bool:
+    """Whether the data in a folder was generated with the demo's settings (meta.json records them)."""
+    import json
+
+    from aov_dist.data.synth import SynthConfig
+
+    if not os.path.exists(meta_path):
+        return False
+    with open(meta_path) as f:
+        meta = json.load(f)
+    wanted = dataclasses.asdict(SynthConfig(out="", **synth))
+    return all(_plain(meta.get(k)) == _plain(v) for k, v in wanted.items() if k not in ("out", "classes"))
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def _compose(overrides: list[str]):
@@ -70,10 +92,10 @@ def _compose(overrides: list[str]):
         return compose(config_name="config", overrides=overrides)
 
 
-def _eval_cfg(benchmark: str, limit: Optional[int], workers: int):
+def _eval_cfg(benchmark: str, limit: Optional[int], workers: int, tasks: list[str]):
     from aov_dist.eval.config import EvalConfig
 
-    return EvalConfig(benchmark=benchmark, num_workers=workers, limit=limit)
+    return EvalConfig(benchmark=benchmark, num_workers=workers, limit=limit, tasks=list(tasks))
 
 
 def untrained_baseline(common: list[str], out_dir: str, eval_cfg) -> dict[str, Any]:
@@ -97,7 +119,7 @@ def train_stage(overrides: list[str]):
     return main(_compose(overrides))
 
 
-def evaluate_run(run_id: str, tracking_uri: str, eval_cfg, cluster) -> dict[int, dict[str, Any]]:
+def evaluate_run(run_id: str, tracking_uri: str, eval_cfg, cluster, pool=None) -> dict[int, dict[str, Any]]:
     """The evaluation watcher's scan over one training run: each committed checkpoint once, its
     metrics logged into the training run at the checkpoint's step."""
     from mlflow.tracking import MlflowClient
@@ -109,7 +131,7 @@ def evaluate_run(run_id: str, tracking_uri: str, eval_cfg, cluster) -> dict[int,
     scores: dict[int, dict[str, Any]] = {}
 
     def evaluate_fn(uri: str):
-        result = evaluate(eval_cfg, uri, cluster, tracking_uri=tracking_uri)
+        result = evaluate(eval_cfg, uri, cluster, tracking_uri=tracking_uri, pool=pool)
         scores[int(uri.rstrip("/").rsplit("_", 1)[-1])] = result.flat_metrics()
         return result
 
@@ -129,8 +151,12 @@ def run_demo(size: str = "full", out_dir: str = "demo_out", data_dir: str = "dat
     stamp = time.strftime("%Y%m%d-%H%M%S")
     common = [f"data.datasets=[{{name: synthetic, manifest: {os.path.abspath(manifest)}, weight: 1.0}}]",
               f"train.storage_path={os.path.join(out_dir, 'runs')}", f"tracking.uri={tracking_uri}",
-              f"tracking.artifact_location={os.path.join(out_dir, 'mlartifacts')}", "tracking.experiment=aov-demo"]
-    eval_cfg = _eval_cfg(benchmark, spec["eval_limit"], eval_workers)
+              f"tracking.artifact_location={os.path.join(out_dir, 'mlartifacts')}", "tracking.experiment=aov-demo",
+              *spec.get("common", [])]
+    # the untrained model and stage-1 checkpoints (LLM not trained yet) are scored on detection only
+    tasks = spec["eval_tasks"]
+    eval_cfgs = {phase: _eval_cfg(benchmark, spec["eval_limit"], eval_workers, tasks[phase])
+                 for phase in ("untrained", "stage1", "stage2")}
     from aov_dist.config import validate
     from aov_dist.train.driver import init_ray
 
@@ -139,17 +165,23 @@ def run_demo(size: str = "full", out_dir: str = "demo_out", data_dir: str = "dat
     init_ray(job)  # one quiet local Ray instance for training and evaluation workers alike
 
     _say("[2/5] untrained model on the benchmark (the baseline)")
-    untrained = untrained_baseline(common, out_dir, eval_cfg)
+    untrained = untrained_baseline(common, out_dir, eval_cfgs["untrained"])
     _say("[3/5] stage 1: the anomaly expert (Ray Train, 2 workers, DeepSpeed ZeRO-3)")
     s1 = train_stage(common + ["stage=stage1", f"train.run_name=demo-{stamp}-stage1"] + spec["stage1"])
     _say("[4/5] stage 2: projector + LLM, starting from stage 1")
     s2 = train_stage(common + ["stage=stage2", f"train.run_name=demo-{stamp}-stage2",
                                f"stage.init_from={s1.latest_checkpoint}"] + spec["stage2"])
     _say("[5/5] evaluation of every checkpoint on Ray workers (logged at the checkpoint steps)")
+    from aov_dist.eval.runner import WorkerPool
+
+    # one pool of eval workers loads checkpoint after checkpoint (training is over: its CPUs are free)
+    with WorkerPool(eval_workers, cluster) as pool:
+        evals1 = evaluate_run(s1.run_id, tracking_uri, eval_cfgs["stage1"], cluster, pool)
+        evals2 = evaluate_run(s2.run_id, tracking_uri, eval_cfgs["stage2"], cluster, pool)
     summary = DemoSummary(
         untrained=untrained,
-        stage1=StageSummary(s1.run_id, s1.checkpoints, s1.losses, evaluate_run(s1.run_id, tracking_uri, eval_cfg, cluster)),
-        stage2=StageSummary(s2.run_id, s2.checkpoints, s2.losses, evaluate_run(s2.run_id, tracking_uri, eval_cfg, cluster)),
+        stage1=StageSummary(s1.run_id, s1.checkpoints, s1.losses, evals1),
+        stage2=StageSummary(s2.run_id, s2.checkpoints, s2.losses, evals2),
         out_dir=out_dir, tracking_uri=tracking_uri, seconds=time.time() - t0)
     print_summary(summary)
     return summary
@@ -184,6 +216,12 @@ def print_summary(s: DemoSummary) -> None:
     _say(f"total {s.seconds / 60:.1f} min")
 
 
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", choices=["full", "reduced"], default="full")
@@ -196,7 +234,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # DeepSpeed warns on import when it has to guess the accelerator: say it (workers inherit it)
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_cuda() else "cpu")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    import mlflow  # noqa: F401 - configures its loggers on import: quiet them after that
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # table creation, model registration notes
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\.")
     run_demo(args.size, args.out, args.data, args.tracking_uri)
 
 

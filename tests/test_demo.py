@@ -15,6 +15,10 @@ def test_reduced_demo_logs_runs_metrics_artifacts_and_summary(tmp_path, capsys):
     assert "aov-dist demo: summary" in printed and "make mlflow-ui" in printed
     assert DET_ACC in summary.untrained and AUROC in summary.untrained
 
+    # conf/demo.yaml eval_tasks: reasoning only where the LLM has been trained (stage 2)
+    assert not any(k.startswith("eval/reasoning") for e in summary.stage1.eval.values() for k in e)
+    assert all(any(k.startswith("eval/reasoning") for k in e) for e in summary.stage2.eval.values())
+
     client = MlflowClient(tracking_uri=summary.tracking_uri)
     for stage in (summary.stage1, summary.stage2):
         run = client.get_run(stage.run_id)
@@ -33,3 +37,17 @@ def test_reduced_demo_logs_runs_metrics_artifacts_and_summary(tmp_path, capsys):
         for expected in ("eval/roc_curve.png", "eval/confusion_matrix.png", "eval/anomaly_maps.png",
                          "eval/detection_samples.json"):
             assert expected in names, names
+
+
+def test_demo_reuses_data_only_when_generated_with_its_settings(tmp_path):
+    """make demo after make shards (or after editing conf/demo.yaml) must not train on other data."""
+    from aov_dist.data.synth import SynthConfig, generate
+    from aov_dist.demo import _same_synth
+
+    spec = {"num_train": 6, "num_bench": 0, "image_size": 40, "seed": 0}
+    generate(SynthConfig(out=str(tmp_path), **spec))
+    meta = str(tmp_path / "meta.json")
+    assert _same_synth(meta, spec)
+    assert not _same_synth(meta, {**spec, "seed": 1})
+    assert not _same_synth(meta, {**spec, "shape_weights": [1.0, 0.0, 0.0]})
+    assert not _same_synth(str(tmp_path / "missing.json"), spec)

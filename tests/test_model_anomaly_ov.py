@@ -100,6 +100,18 @@ def test_adverb_thresholds(built):
     assert proc.tokenizer.decode(a) == " " + " ".join(ADVERBS)
 
 
+def test_saved_adverb_thresholds_win_unless_overridden(tmp_path):
+    """A model trained with other thresholds is evaluated with them (ModelConfig default None)."""
+    model, proc = build_model(ModelConfig(preset="tiny", adverb_thresholds=[0.5, 0.5]))
+    model.save_pretrained(tmp_path)
+    proc.save_pretrained(tmp_path)
+    reloaded, _ = build_model(ModelConfig(pretrained_path=str(tmp_path)))
+    a = proc.adverb_token_ids
+    assert reloaded.adverb_ids(torch.tensor([0.3, 0.49, 0.5, 0.69])).tolist() == [a[0], a[0], a[2], a[2]]
+    overridden, _ = build_model(ModelConfig(pretrained_path=str(tmp_path), adverb_thresholds=[0.3, 0.7]))
+    assert overridden.adverb_ids(torch.tensor([0.3, 0.49, 0.5, 0.69])).tolist() == [a[1]] * 4
+
+
 @pytest.mark.parametrize(
     "size", [(112, 112), (112, 224), (224, 112), (300, 200), (448, 448), (50, 400), (400, 50), (333, 222), (60, 60), (700, 1000)]
 )

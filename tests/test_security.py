@@ -151,6 +151,25 @@ def test_deepspeed_checkpoint_engine_refuses_a_planted_pickle(tmp_path):
     assert marker.exists()
 
 
+def test_export_from_shards_refuses_a_planted_pickle_before_zero_to_fp32(tmp_path):
+    """aov-export --from-shards: DeepSpeed's zero_to_fp32 unpickles unsafely, so every ds/ file is
+    safe-loaded first; the payload never runs."""
+    import torch
+
+    from aov_dist.train.export import merge_shards
+    from aov_dist.train.strategy import UnsafeCheckpointError
+
+    marker = tmp_path / "code_ran"
+    step = tmp_path / "run" / "step_2"
+    (step / "ds" / "state").mkdir(parents=True)
+    (step / "ds" / "latest").write_text("state")
+    torch.save({"optimizer_state_dict": {"loss_scaler": _PlantedPayload(str(marker))}},
+               step / "ds" / "state" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    with pytest.raises(UnsafeCheckpointError, match="zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+        merge_shards(str(step), str(tmp_path / "out"))
+    assert not marker.exists()
+
+
 def test_safe_engine_loads_exactly_the_allowlisted_deepspeed_types(tmp_path):
     import torch
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler

@@ -158,3 +158,15 @@ def test_cli_synth_and_its_argument_errors(tmp_path, capsys):
     assert {image_list(r)[0].split("/")[0] for r in records} == {"tile", "fabric"}
     assert cli.main(["synth", "--out", str(tmp_path / "x"), "--classes", "teapot"]) == 2
     assert "teapot" in capsys.readouterr().err
+
+
+def test_shape_weights_pick_the_conversation_shapes(tmp_path):
+    """(1, 0, 0): every record is the bare detection exchange; the weights land in meta.json."""
+    res = generate(SynthConfig(out=str(tmp_path), num_train=24, num_bench=0, image_size=48,
+                               multiview_fraction=0.0, shape_weights=(1.0, 0.0, 0.0)))
+    records = json.loads(Path(res.train_json).read_text())
+    assert {len(r["conversations"]) for r in records} == {2}
+    assert {r["conversations"][1]["value"] for r in records} == {"Yes", "No"}
+    assert json.loads((tmp_path / "meta.json").read_text())["shape_weights"] == [1.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="shape_weights"):
+        SynthConfig(out=str(tmp_path), shape_weights=(0.5, 0.2, 0.2)).check()

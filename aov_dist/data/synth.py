@@ -46,7 +46,7 @@ from PIL import Image
 
 from aov_dist import __version__
 from aov_dist.data.synth_images import CLASSES, DEFECTS, SynthImage, render_object
-from aov_dist.data.synth_text import instruct_conversation, reasoning_conversation
+from aov_dist.data.synth_text import SHAPE_WEIGHTS, instruct_conversation, reasoning_conversation
 
 TRAIN_STREAM, BENCH_STREAM, ORDER_STREAM = 0, 1, 2
 TRAIN_JSON = "synthetic_instruct.json"
@@ -63,6 +63,8 @@ class SynthConfig:
     multiview_fraction: float = 0.1
     explicit_label_fraction: float = 1.0
     classes: tuple[str, ...] = CLASSES
+    # conversation shapes (detect, detect_explain, describe_first); see synth_text
+    shape_weights: tuple[float, float, float] = SHAPE_WEIGHTS
 
     def check(self) -> None:
         if self.image_size < 32:
@@ -72,6 +74,8 @@ class SynthConfig:
         for name in ("multiview_fraction", "explicit_label_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}={getattr(self, name)} must be within [0, 1]")
+        if len(self.shape_weights) != 3 or min(self.shape_weights) < 0 or abs(sum(self.shape_weights) - 1) > 1e-6:
+            raise ValueError(f"shape_weights={self.shape_weights}: three non-negative weights summing to 1")
         unknown = [c for c in self.classes if c not in CLASSES]
         if unknown or not self.classes:
             raise ValueError(f"unknown classes {unknown}; choose among {list(CLASSES)}")
@@ -134,7 +138,8 @@ def generate_train(cfg: SynthConfig) -> tuple[list[dict], int]:
                        png_bytes(shot.mask.astype(np.uint8) * 255))
         n_images += views
         record = {"id": f"syn_{cfg.seed}_{i:06d}", "image": paths[0] if views == 1 else paths,
-                  "conversations": instruct_conversation(rng, cls, defect, shots[0].location, views)}
+                  "conversations": instruct_conversation(rng, cls, defect, shots[0].location, views,
+                                                          tuple(cfg.shape_weights))}
         if rng.random() < cfg.explicit_label_fraction:
             record["label"] = "anomalous" if defect else "normal"
         records.append(record)

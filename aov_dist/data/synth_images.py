@@ -77,10 +77,11 @@ def _shade(img: np.ndarray, yy: np.ndarray, xx: np.ndarray, pose: dict) -> np.nd
 
 
 # ---- classes: each is (style sampler, renderer) -------------------------------------------------
+# As in VisA/MVTec, one class is one product: its normal samples share colours and layout (small
+# jitter), so "normal" is learnable from ~100 images and a defect stands out from it.
 
 def _style_screw(rng):
-    metal = [(0.62, 0.63, 0.66), (0.72, 0.6, 0.3), (0.3, 0.3, 0.33)][rng.integers(3)]
-    return {"bg": _jitter(rng, (0.82, 0.82, 0.8), 0.08), "metal": _jitter(rng, metal, 0.06),
+    return {"bg": _jitter(rng, (0.82, 0.82, 0.8), 0.08), "metal": _jitter(rng, (0.62, 0.63, 0.66), 0.06),
             "pitch": rng.uniform(38, 60), "length": rng.uniform(0.5, 0.62)}
 
 
@@ -100,8 +101,7 @@ def _draw_screw(st, pose, size, rng) -> Canvas:
 
 
 def _style_bottle(rng):
-    glass = [(0.45, 0.3, 0.15), (0.2, 0.45, 0.25), (0.55, 0.6, 0.62)][rng.integers(3)]
-    return {"bg": _jitter(rng, (0.1, 0.1, 0.1), 0.05), "glass": _jitter(rng, glass, 0.06),
+    return {"bg": _jitter(rng, (0.1, 0.1, 0.1), 0.05), "glass": _jitter(rng, (0.2, 0.45, 0.25), 0.06),
             "r_out": rng.uniform(0.36, 0.42), "r_in": rng.uniform(0.2, 0.26)}
 
 
@@ -117,11 +117,18 @@ def _draw_bottle(st, pose, size, rng) -> Canvas:
     return Canvas(_shade(img, yy, xx, pose), obj, bg)
 
 
+# Like a VisA PCB subset, every board of the class has the same layout (traces and chips at about
+# the same places, one board colour): a normal board must look like the other normal boards, or a
+# dark hole is just another chip.
+_PCB_TRACES = np.array([-0.18, 0.2, -0.12, 0.16], np.float32)
+_PCB_CHIPS = np.array([[-0.15, 0.05], [0.12, -0.12]], np.float32)
+
+
 def _style_pcb(rng):
-    board = [(0.1, 0.45, 0.2), (0.1, 0.25, 0.55), (0.5, 0.12, 0.1), (0.15, 0.15, 0.15)][rng.integers(4)]
-    return {"bg": _jitter(rng, (0.7, 0.7, 0.72), 0.1), "board": _jitter(rng, board, 0.05),
+    return {"bg": _jitter(rng, (0.7, 0.7, 0.72), 0.1), "board": _jitter(rng, (0.1, 0.45, 0.2), 0.05),
             "copper": _jitter(rng, (0.82, 0.62, 0.3), 0.05),
-            "traces": rng.uniform(-0.3, 0.3, (4,)), "chips": rng.uniform(-0.22, 0.22, (2, 2)),
+            "traces": _PCB_TRACES + rng.uniform(-0.02, 0.02, (4,)).astype(np.float32),
+            "chips": _PCB_CHIPS + rng.uniform(-0.02, 0.02, (2, 2)).astype(np.float32),
             "half": rng.uniform(0.3, 0.36, 2)}
 
 
@@ -141,8 +148,7 @@ def _draw_pcb(st, pose, size, rng) -> Canvas:
 
 
 def _style_tile(rng):
-    base = [(0.72, 0.38, 0.25), (0.85, 0.8, 0.68), (0.55, 0.57, 0.6), (0.3, 0.45, 0.7)][rng.integers(4)]
-    return {"tile": _jitter(rng, base, 0.05), "grout": _jitter(rng, (0.9, 0.9, 0.88), 0.06),
+    return {"tile": _jitter(rng, (0.72, 0.38, 0.25), 0.05), "grout": _jitter(rng, (0.9, 0.9, 0.88), 0.06),
             "period": rng.uniform(0.22, 0.32), "var": rng.uniform(0.03, 0.08, 64).astype(np.float32)}
 
 
@@ -158,7 +164,7 @@ def _draw_tile(st, pose, size, rng) -> Canvas:
 
 
 def _style_fabric(rng):
-    return {"colour": _jitter(rng, rng.uniform(0.25, 0.75, 3), 0.0), "freq": rng.uniform(14, 22)}
+    return {"colour": _jitter(rng, (0.35, 0.45, 0.65), 0.05), "freq": rng.uniform(14, 22)}
 
 
 def _draw_fabric(st, pose, size, rng) -> Canvas:
@@ -172,7 +178,8 @@ def _draw_fabric(st, pose, size, rng) -> Canvas:
 
 def _style_metal(rng):
     return {"bg": _jitter(rng, (0.15, 0.16, 0.2), 0.05), "metal": _jitter(rng, (0.66, 0.67, 0.7), 0.07),
-            "streaks": rng.uniform(0.9, 1.1, 256).astype(np.float32), "half": rng.uniform(0.3, 0.38, 2)}
+            # faint brushing: strong streaks read as scratches to a small model
+            "streaks": rng.uniform(0.96, 1.04, 256).astype(np.float32), "half": rng.uniform(0.3, 0.38, 2)}
 
 
 def _draw_metal(st, pose, size, rng) -> Canvas:
@@ -238,14 +245,14 @@ def _defect_mask(kind, yy, xx, centre, size, rng) -> np.ndarray:
         d = np.array([math.sin(ang), math.cos(ang)]) * length / 2
         bend = rng.uniform(-0.06, 0.06, 2)
         pts = [centre - d, centre + bend, centre + d]
-        return _polyline(yy, xx, pts, max(2.6 * px, 0.022))
+        return _polyline(yy, xx, pts, max(3.5 * px, 0.032))
     if kind == "crack":
         pts, p, ang = [centre], centre.copy(), rng.uniform(0, 2 * math.pi)
         for _ in range(rng.integers(5, 9)):
             ang += rng.uniform(-1.0, 1.0)
             p = p + np.array([math.sin(ang), math.cos(ang)]) * rng.uniform(0.04, 0.07)
             pts.append(p)
-        return _polyline(yy, xx, pts, max(2.2 * px, 0.018))
+        return _polyline(yy, xx, pts, max(3.0 * px, 0.028))
     if kind == "hole":
         return np.hypot(yy - centre[0], xx - centre[1]) < rng.uniform(0.05, 0.085)
     if kind in ("stain", "color_change"):

@@ -70,12 +70,20 @@ def _detect_prompt(n_images: int) -> str:
     return image_tokens(n_images) + f"These are {n_images} views of the same object. " + DETECTION_PROMPT
 
 
+# How often each conversation shape is drawn (detect, detect_explain, describe_first). Mostly bare
+# detection exchanges: on these a random-init tiny LLM learns to read the expert's adverb for its
+# Yes/No within ~80 steps; with 20 % long explanations it had not after 200 (measured for the demo,
+# docs/benchmarks.md). Pass other weights for data that exercises multi-turn label search.
+SHAPE_WEIGHTS = (0.9, 0.1, 0.0)
+
+
 def instruct_conversation(rng: np.random.Generator, cls: str, defect: Optional[str],
-                          location: Optional[str], n_images: int) -> list[dict]:
+                          location: Optional[str], n_images: int,
+                          shape_weights: tuple[float, float, float] = SHAPE_WEIGHTS) -> list[dict]:
     """A LLaVA conversation about one (possibly multi-view) object; defect=None means normal."""
     obj = OBJECT_NAMES[cls]
     answer = "Yes" if defect else "No"
-    shape = ("detect", "detect_explain", "describe_first")[int(rng.choice(3, p=(0.3, 0.5, 0.2)))]
+    shape = ("detect", "detect_explain", "describe_first")[int(rng.choice(3, p=shape_weights))]
     if defect:
         what = defect_sentence(cls, defect, location or "center")
         cause = f"It was most likely caused by {DEFECT_TEXT[defect][1]}."

@@ -92,14 +92,15 @@ def run_once(app: EvalAppConfig) -> dict:
 
 
 def run_watch(app: EvalAppConfig) -> None:
-    from aov_dist.eval.evaluate import evaluate
+    from aov_dist.eval.evaluate import Evaluator
     from aov_dist.eval.watch import Watcher
 
     client = mlflow_client(app.tracking)
-    watcher = Watcher(client, lambda uri: evaluate(app.eval, uri, app.cluster, tracking_uri=app.tracking.uri),
-                      app.eval.max_attempts, pictures=app.eval.plots)
-    watcher.watch(experiment=app.tracking.experiment, run_id=app.run_id, poll_s=app.eval.poll_s,
-                  max_idle_polls=app.eval.max_idle_polls)
+    # one pool of eval workers serves consecutive checkpoints; released when a poll finds nothing
+    with Evaluator(app.eval, app.cluster, tracking_uri=app.tracking.uri) as evaluator:
+        watcher = Watcher(client, evaluator, app.eval.max_attempts, pictures=app.eval.plots)
+        watcher.watch(experiment=app.tracking.experiment, run_id=app.run_id, poll_s=app.eval.poll_s,
+                      max_idle_polls=app.eval.max_idle_polls)
 
 
 def main(cfg: DictConfig) -> Optional[dict]:

@@ -19,8 +19,10 @@ class ModelConfig:
     # auto: bf16 on GPU, fp32 on CPU; or bf16 / fp16 / fp32.
     dtype: str = "auto"
     activation_checkpointing: bool = False
-    # Score thresholds that pick the adverb "slightly" / "moderately" / "highly".
-    adverb_thresholds: list[float] = field(default_factory=lambda: [0.3, 0.7])
+    # Score thresholds that pick the adverb "slightly" / "moderately" / "highly". None = the
+    # loaded checkpoint's own (the paper's 0.3 / 0.7 for a new model), so a trained model is
+    # evaluated with the thresholds it was trained with.
+    adverb_thresholds: Optional[list[float]] = None
     # Text-only batches run tower + expert on a dummy view with zero contribution (ZeRO-3 needs every
     # rank to run the same modules).
     vision_dummy_for_text_only: bool = True

@@ -118,7 +118,9 @@ def build_model(cfg: ModelConfig) -> tuple[AnomalyOVForConditionalGeneration, An
     then the expert file, if given. Works inside deepspeed.zero.Init / HfDeepSpeedConfig (ZeRO-3)."""
     attn = resolve_attn_implementation(cfg.attn_implementation)
     dtype = resolve_dtype(cfg.dtype)
-    anomaly = dict(adverb_thresholds=list(cfg.adverb_thresholds), vision_dummy_for_text_only=cfg.vision_dummy_for_text_only)
+    anomaly: dict[str, Any] = dict(vision_dummy_for_text_only=cfg.vision_dummy_for_text_only)
+    if cfg.adverb_thresholds is not None:
+        anomaly["adverb_thresholds"] = list(cfg.adverb_thresholds)
     if cfg.pretrained_path:
         local = localize(cfg.pretrained_path)
         processor = AnomalyOVProcessor.from_pretrained(local)

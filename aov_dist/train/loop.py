@@ -288,10 +288,9 @@ def worker_entry(config: dict[str, Any]) -> None:
 
     def on_step(m: dict) -> None:
         if progress is not None:
-            try:
-                progress.put_nowait(m)
-            except Exception:
-                pass
+            # fire and forget: Queue.put_nowait waits for the queue actor's answer (a round trip
+            # per step); a lost progress update only delays the driver's bar
+            progress.actor.put_nowait.remote(m)
 
     def on_checkpoint(step: int, path: str, metrics: dict) -> None:
         # Ray gets a pointer checkpoint (our folder is the real one): cheap, and resume stays ours.
