@@ -8,7 +8,6 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
-export DS_ACCELERATOR ?= cpu
 export DS_BUILD_OPS ?= 0
 export RAY_USAGE_STATS_ENABLED ?= 0
 # the 25 slowest tests are listed at the end of every run (CI time budget: keep `make test` < ~25 min)

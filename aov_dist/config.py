@@ -65,6 +65,17 @@ def micro_steps_per_step(cfg: TrainJobConfig) -> int:
     return cfg.stage.global_batch_size // (cfg.cluster.num_workers * cfg.data.micro_batch_size)
 
 
+_DTYPE_NAMES = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}
+
+
+def training_precision(cfg: TrainJobConfig) -> str:
+    """"bf16" or "fp32": the one rule for a training job's precision (DeepSpeed's bf16 switch and the
+    dtype the model is built in). auto = bf16 on GPU clusters, fp32 on CPU ones."""
+    if cfg.deepspeed.precision == "auto":
+        return "bf16" if cfg.cluster.use_gpu else "fp32"
+    return cfg.deepspeed.precision
+
+
 def validate(cfg: DictConfig | TrainJobConfig | dict[str, Any]) -> TrainJobConfig:
     """Typed, checked config, or one ConfigError naming the key. Touches no Ray / MLflow resource."""
     c = to_typed(cfg)
@@ -105,6 +116,15 @@ def validate(cfg: DictConfig | TrainJobConfig | dict[str, Any]) -> TrainJobConfi
         raise ConfigError("deepspeed.precision", f"must be auto, fp32 or bf16, got {c.deepspeed.precision!r}")
     if c.deepspeed.precision == "bf16" and not c.cluster.use_gpu:
         raise ConfigError("deepspeed.precision", "bf16 training needs GPUs (cluster.use_gpu=true); CPU runs fp32")
+    if c.model.dtype != "auto" and _DTYPE_NAMES.get(c.model.dtype, c.model.dtype) != training_precision(c):
+        raise ConfigError("model.dtype", f"{c.model.dtype!r} disagrees with the training precision "
+                          f"{training_precision(c)!r} (deepspeed.precision={c.deepspeed.precision!r}, "
+                          f"cluster.use_gpu={str(c.cluster.use_gpu).lower()}): leave model.dtype=auto for training")
+    if c.model.random_init and c.model.pretrained_path:
+        raise ConfigError("model.random_init", "random weights and model.pretrained_path exclude each other: "
+                          "drop one of them")
+    if c.deepspeed.offload_params and c.deepspeed.zero_stage != 3:
+        raise ConfigError("deepspeed.offload_params", "parameter offload needs ZeRO-3 (deepspeed.zero_stage=3)")
     if c.train.checkpoint_every_steps < 1:
         raise ConfigError("train.checkpoint_every_steps", f"must be >= 1, got {c.train.checkpoint_every_steps}")
     if c.train.keep_checkpoints < 1:

@@ -28,6 +28,9 @@ class FakeStrategy:
     def consolidated_state_dict(self, engine):
         return {}
 
+    def barrier(self) -> None:  # one process: nothing to wait for
+        pass
+
 
 class FakeModule:
     def __init__(self, fail_on_step: Optional[int] = None, step_ref: Optional[list] = None):

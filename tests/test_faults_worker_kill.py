@@ -1,5 +1,5 @@
 """A training worker killed (SIGKILL) mid-run under Ray Train: a real 2-worker CPU job (driver.main,
-ZeRO-3, gloo) with train.max_failures=1. Ray restarts the worker group, the group resumes from the
+ZeRO-3, gloo) with cluster.max_failures=1. Ray restarts the worker group, the group resumes from the
 checkpoint Ray hands back (our pointer to step_2), and the run ends with exactly the losses and
 weights of an uninterrupted run.
 
@@ -78,7 +78,7 @@ def _overrides(manifest, storage: Path) -> list[str]:
 
     return tiny_overrides(manifest, storage, world=2, num_workers=0, steps=STEPS, global_batch=4, micro=2,
                           run_name="killed", extra=[f"train.checkpoint_every_steps={EVERY}", "train.keep_checkpoints=3",
-                                                    "train.max_failures=1", "train.resume=false"])
+                                                    "cluster.max_failures=1", "train.resume=false"])
 
 
 def _train_workers() -> dict[int, str]:

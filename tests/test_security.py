@@ -263,7 +263,7 @@ def test_registered_model_is_logged_from_code_without_a_pickle(tmp_path):
     client = MlflowClient(cfg.uri)
     exp = client.create_experiment("sec", artifact_location=str(tmp_path / "art"))
     run_id = client.create_run(exp).info.run_id
-    assert log_and_register(cfg, run_id, str(hf)) == "models:/aov-sec/1"
+    assert log_and_register(cfg, run_id, str(hf), cfg.registered_model_name) == "models:/aov-sec/1"
 
     mlflow.set_tracking_uri(cfg.uri)
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri="models:/aov-sec/1", dst_path=str(tmp_path / "dl")))

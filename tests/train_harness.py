@@ -67,30 +67,39 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, world: int, port: int, container: dict, out_dir: str) -> None:
-    """One rank of a spawned gloo job: run_training, then write the LoopResult as JSON."""
+def train_rank(cfg, rank: int, world: int, **kwargs: Any) -> dict:
+    """run_training on this rank; its LoopResult and rank 0's per-step metrics as a dict."""
+    from aov_dist.train.loop import run_training
+
+    metrics: list[dict] = []  # what rank 0 would log to MLflow, per step
+    r = run_training(cfg, rank, world, on_step=metrics.append, **kwargs)
+    return {"step": r.step, "losses": r.losses, "checkpoints": r.checkpoints, "resumed_from": r.resumed_from,
+            "skipped": r.skipped, "metrics": metrics, "optimizer": r.optimizer}
+
+
+def _rank_main(rank: int, world: int, port: int, container: dict, out_dir: str, rank_fn) -> None:
+    """One rank of a spawned gloo job: ``rank_fn(cfg, rank, world)``, its dict written as JSON."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     import torch.distributed as dist
 
     from aov_dist.config import to_typed
-    from aov_dist.train.loop import run_training
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        metrics: list[dict] = []  # what rank 0 would log to MLflow, per step
-        r = run_training(to_typed(container), rank, world, on_step=metrics.append)
+        out = rank_fn(to_typed(container), rank, world)
         with open(os.path.join(out_dir, f"rank_{rank}.json"), "w") as f:
-            json.dump({"step": r.step, "losses": r.losses, "checkpoints": r.checkpoints,
-                       "resumed_from": r.resumed_from, "skipped": r.skipped, "metrics": metrics}, f)
+            json.dump(out, f)
     finally:
         dist.destroy_process_group()
 
 
-def run_ranks(cfg, out_dir: str | Path) -> list[dict]:
+def run_ranks(cfg, out_dir: str | Path, rank_fn=train_rank) -> list[dict]:
     """Run ``cfg`` (a TrainJobConfig from typed_cfg) on cfg.cluster.num_workers spawned gloo ranks;
-    returns every rank's LoopResult as a dict (losses are global means, equal on all ranks)."""
+    returns every rank's dict. ``rank_fn(cfg, rank, world) -> dict`` (a module-level function, so
+    the spawned process can import it) defaults to ``train_rank``: the LoopResult (losses are global
+    means, equal on all ranks) and rank 0's metrics."""
     import torch.multiprocessing as mp
     from omegaconf import OmegaConf
 
@@ -98,7 +107,7 @@ def run_ranks(cfg, out_dir: str | Path) -> list[dict]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     container = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-    mp.spawn(_rank_main, args=(world, free_port(), container, str(out_dir)), nprocs=world, join=True)
+    mp.spawn(_rank_main, args=(world, free_port(), container, str(out_dir), rank_fn), nprocs=world, join=True)
     return [json.loads((out_dir / f"rank_{r}.json").read_text()) for r in range(world)]
 
 

@@ -6,8 +6,9 @@ gpus_per_node), so Ray and Kubernetes can never disagree on the worker count.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Mapping, Optional, Union
 
 VALID_BACKENDS = ("gloo", "nccl")
 VALID_PLACEMENT = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -90,14 +91,26 @@ class ClusterConfig:
     shared_filesystem: bool = False
     # environment for every worker (NCCL settings etc.)
     env: dict[str, str] = field(default_factory=dict)
+    # Ray Train restarts the whole worker group this many times after a worker dies (preemption,
+    # a lost node, an NCCL error); the group resumes from the newest committed checkpoint.
+    max_failures: int = 0
+    # Memory of one GPU in GiB (the planner's budget per worker); 0 on CPU clusters.
+    gpu_memory_gib: float = 0.0
     k8s: K8sConfig = field(default_factory=K8sConfig)
 
     @property
     def num_workers(self) -> int:
         return self.nodes * self.workers_per_node
 
+    @property
+    def accelerator(self) -> str:
+        """DeepSpeed's accelerator on every worker: cuda on GPU clusters, cpu otherwise."""
+        return "cuda" if self.use_gpu else "cpu"
+
     def validate(self) -> None:
         """Raise ClusterConfigError naming the offending cluster.<key>."""
+        if not isinstance(self.max_failures, int) or self.max_failures < -1:
+            raise ClusterConfigError("cluster.max_failures", f"must be -1 (unlimited) or >= 0, got {self.max_failures!r}")
         for key in ("nodes", "workers_per_node", "cpus_per_worker"):
             value = getattr(self, key)
             if not isinstance(value, int) or value < 1:
@@ -126,6 +139,19 @@ class ClusterConfig:
         if bad_env:
             raise ClusterConfigError(f"cluster.env.{bad_env[0]}", "environment values must be strings "
                                      "(quote numbers in YAML: '1')")
+
+
+def deepspeed_accelerator(cfg: ClusterConfig, environ: Optional[Mapping[str, str]] = None) -> str:
+    """The accelerator the workers must use (``cfg.accelerator``). A DS_ACCELERATOR the user
+    exported is accepted only when it agrees: a CPU accelerator on GPU nodes trains on no GPU."""
+    env = os.environ if environ is None else environ
+    given = (env.get("DS_ACCELERATOR") or "").strip()
+    if given and given != cfg.accelerator:
+        raise ClusterConfigError(
+            "cluster.use_gpu", f"{str(cfg.use_gpu).lower()} means DeepSpeed's {cfg.accelerator!r} accelerator on "
+            f"every worker, but DS_ACCELERATOR={given!r} is set in this environment: unset it (the cluster "
+            f"section decides) or pick a cluster preset that matches it")
+    return cfg.accelerator
 
 
 def to_cluster_config(cfg: Union[ClusterConfig, Any]) -> ClusterConfig:

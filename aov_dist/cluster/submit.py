@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 
 from aov_dist.cluster import entrypoints as ep
 from aov_dist.cluster.compose import REPO_ROOT, compose_cluster
-from aov_dist.cluster.config import ClusterConfig, ClusterConfigError, validate_cluster
+from aov_dist.cluster.config import ClusterConfig, ClusterConfigError, deepspeed_accelerator, validate_cluster
 
 # Uploaded working dir: code and conf only (Ray caps the upload at 500 MiB).
 EXCLUDES = [".venv/", ".git/", "data_shards/", "mlruns/", "mlartifacts/", "mlflow.db", "ray_results/",
@@ -129,6 +129,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         entrypoint, cfg = job_entrypoint(args.kind, args.cluster, nodes, args.overrides)
         env = runtime_env(args.env)
+        accelerator = deepspeed_accelerator(cfg, env["env_vars"])  # what the workers will run
     except (SubmitError, ClusterConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -144,7 +145,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sid = args.submission_id or new_submission_id(args.kind)
     cmd = submit_command(address or "$RAY_ADDRESS", sid, entrypoint, env)
     summary = (f"aov-{args.kind} job {sid!r} -> {address or '$RAY_ADDRESS'}: cluster={cfg.name}, "
-               f"{cfg.nodes} node(s) x {cfg.workers_per_node} workers = {cfg.num_workers} workers\n"
+               f"{cfg.nodes} node(s) x {cfg.workers_per_node} workers = {cfg.num_workers} workers, "
+               f"accelerator={accelerator}, backend={cfg.backend}, max_failures={cfg.max_failures}\n"
                f"  entry point: {ep.as_shell(entrypoint)}")
     if args.dry_run:
         print(f"[dry run] {summary}\n  command: {ep.as_shell(cmd)}")

@@ -36,9 +36,16 @@ class DataConfig:
     # shuffle buffer per worker stream, in samples (1 = no shuffle inside a slice)
     shuffle_buffer: int = 256
     seed: int = 0
+    # tokens per sample after image expansion (one AnyRes image at 384 px is up to ~9k tokens with
+    # the official presets); longer samples are skipped and counted as too_long
     max_length: int = 2048
     # skip: skip-and-count bad samples; fail: raise naming shard and key
     on_error: str = "skip"
+    # Skipped samples (any reason, all ranks) per window of skip_window samples read: a warning
+    # above max_skip_fraction, a failure naming the key to change above fail_skip_fraction.
+    max_skip_fraction: float = 0.01
+    fail_skip_fraction: float = 0.10
+    skip_window: int = 1000
     # images whose width or height is smaller than this are treated as corrupt (1x1 placeholders)
     min_image_side: int = 2
     # samples per epoch on all ranks together for a mixture; None = sum of the datasets' sizes
@@ -72,6 +79,13 @@ class DataConfig:
         if self.mp_context not in (None, "fork", "spawn", "forkserver"):
             raise ValueError(f"data.mp_context: must be null, fork, spawn or forkserver, "
                              f"got {self.mp_context!r}")
+        if not 0.0 <= self.max_skip_fraction <= self.fail_skip_fraction <= 1.0:
+            raise ValueError(f"data.max_skip_fraction: need 0 <= max_skip_fraction <= fail_skip_fraction <= 1, "
+                             f"got {self.max_skip_fraction} and {self.fail_skip_fraction}")
+        if self.skip_window < 1:
+            raise ValueError(f"data.skip_window: must be >= 1 samples, got {self.skip_window}")
+        if self.max_length < 16:
+            raise ValueError(f"data.max_length: must be >= 16 tokens, got {self.max_length}")
         if self.samples_per_epoch is not None and self.samples_per_epoch < 1:
             raise ValueError(f"data.samples_per_epoch: must be >= 1 or null, "
                              f"got {self.samples_per_epoch}")

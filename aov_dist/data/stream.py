@@ -125,8 +125,10 @@ class ResumableLoader:
     """Iterable over one rank's batches, epoch by epoch; see the module docstring."""
 
     def __init__(self, cfg: DataConfig, settings: ReaderSettings, budget: EpochBudget, rank: int,
-                 world_size: int, collate: Callable[[list], Any], state: Optional[dict] = None):
+                 world_size: int, collate: Callable[[list], Any], state: Optional[dict] = None,
+                 pin_memory: bool = False):
         self.cfg, self.settings, self.budget = cfg, settings, budget
+        self.pin_memory = pin_memory
         self.rank, self.world_size, self.collate = rank, world_size, collate
         self.streams = max(1, cfg.num_workers)
         self.epoch = 0
@@ -187,7 +189,7 @@ class ResumableLoader:
         else:
             it = iter(DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers,
                                  prefetch_factor=self.cfg.prefetch_factor, collate_fn=_identity,
-                                 multiprocessing_context=self.cfg.mp_context))
+                                 multiprocessing_context=self.cfg.mp_context, pin_memory=self.pin_memory))
         for logical, _, wstate, batch in it:
             if logical != self.batches_done % self.streams:
                 raise RuntimeError(f"rank {self.rank}: batch {self.batches_done} of epoch "
@@ -245,9 +247,12 @@ def build_loader(cfg: Any, rank: int, world_size: int,
                  transform: Optional[Callable[[dict], Any]] = None,
                  collate: Optional[Callable[[list], Any]] = None, stage: str = "stage2",
                  state: Optional[dict] = None,
-                 too_long_exceptions: Optional[tuple[type[BaseException], ...]] = None
-                 ) -> ResumableLoader:
+                 too_long_exceptions: Optional[tuple[type[BaseException], ...]] = None,
+                 pin_memory: bool = False) -> ResumableLoader:
     """Read the manifests and build this rank's loader (see the module docstring).
+
+    ``pin_memory``: batches arrive in page-locked memory (GPU workers: the copy to the device is
+    then asynchronous).
 
     ``cfg`` may also be the Hydra/OmegaConf ``data`` node (or a plain dict) of that schema.
     """
@@ -273,7 +278,8 @@ def build_loader(cfg: Any, rank: int, world_size: int,
         transform=transform,
         too_long=processor_too_long_exceptions() if too_long_exceptions is None
         else tuple(too_long_exceptions))
-    return ResumableLoader(cfg, settings, budget, rank, world_size, collate or list_collate, state)
+    return ResumableLoader(cfg, settings, budget, rank, world_size, collate or list_collate, state,
+                           pin_memory=pin_memory)
 
 
 class _Opener:

@@ -2,7 +2,7 @@
 
     aov-eval                                   # latest local checkpoint, conf/eval/synthetic.yaml
     aov-eval checkpoint=runs:/<id>/step_40 num_workers=4
-    aov-eval checkpoint=models:/aov-tiny/3 judge.base_url=http://127.0.0.1:8000/v1
+    aov-eval checkpoint=models:/aov-tiny-stage2/3 judge.base_url=http://127.0.0.1:8000/v1
     aov-eval watch run_id=<training run id>    # or: mode=watch (follows tracking.experiment)
 
 Keys of the eval section may be given bare (``checkpoint=...`` is ``eval.checkpoint=...``).

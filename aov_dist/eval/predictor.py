@@ -61,9 +61,12 @@ class AnomalyOVBackend:
         self.max_new_tokens = max_new_tokens
 
     def _batch(self, images: Sequence[Image.Image], conversations: Sequence[list[Message]]) -> dict[str, Any]:
+        from aov_dist.devices import move_to_device
+        from aov_dist.model.anomaly_ov import HOST_INPUTS
+
         encoded = [self.processor.encode_prompt([img], conv) for img, conv in zip(images, conversations)]
         batch = self.processor.collate(encoded, padding_side="left")
-        return {k: (v.to(self.device) if hasattr(v, "to") else v) for k, v in batch.items()}
+        return move_to_device(batch, self.device, keep_on_host=HOST_INPUTS)
 
     def generate(self, images, conversations):
         batch = self._batch(images, conversations)

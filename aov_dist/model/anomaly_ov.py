@@ -29,6 +29,10 @@ from .layout import SINGLE_VIEW
 TEXT, VISUAL, ADVERB, ANOMALY = 0, 1, 2, 3
 # Inputs that only the prefill step of generate() may see.
 _PREFILL_ONLY = ("pixel_values", "token_type", "image_grids", "image_sizes", "image_labels")
+# Layout metadata the forward reads on the host (crop grids and image sizes as Python ints): a
+# batch keeps them on the CPU when it moves to an accelerator (aov_dist.devices.move_to_device),
+# because reading them back from a GPU would cost a host sync per image.
+HOST_INPUTS = ("image_grids", "image_sizes")
 
 
 # Stock LLaVA-OneVision files use legacy key names (language_model.model.*, vision_tower.*, ...) that
@@ -148,26 +152,35 @@ class AnomalyOVForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
         """[I] token ids: adverb_token_ids[0] below thresholds[0], [1] below thresholds[1], else [2]."""
         if self.config.adverb_token_ids is None:
             raise SpliceError("config.adverb_token_ids is not set (build the model with presets.build_model)")
-        bounds = torch.tensor(self.config.adverb_thresholds, device=scores.device, dtype=torch.float32)
+        bounds, ids = self._adverb_tables(scores.device)
         bucket = torch.bucketize(scores.detach().float(), bounds, right=True)
-        return torch.tensor(self.config.adverb_token_ids, device=scores.device)[bucket]
+        return ids[bucket]
+
+    def _adverb_tables(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Thresholds and adverb ids on ``device``, made once per device: building them from
+        Python lists at every forward is a blocking host-to-device copy on a GPU."""
+        key = (str(device), tuple(self.config.adverb_thresholds), tuple(self.config.adverb_token_ids))
+        cache = self.__dict__.setdefault("_adverb_cache", {})
+        if key not in cache:
+            cache.clear()
+            cache[key] = (torch.tensor(self.config.adverb_thresholds, device=device, dtype=torch.float32),
+                          torch.tensor(self.config.adverb_token_ids, device=device))
+        return cache[key]
 
     def _embed(
         self, input_ids: Tensor, token_type: Tensor, pixel_values: Tensor, image_grids: Tensor, image_sizes: Tensor
     ) -> tuple[Tensor, ExpertOutput]:
         features, expert_out, idx = self._vision(pixel_values, image_grids)
         visual, anomaly = self._image_sequences(features, expert_out, idx, image_sizes)
-        ids = input_ids.clone()
+        visual_src, anomaly_src = torch.cat(visual, dim=0), torch.cat(anomaly, dim=0)
+        _check_counts(token_type, {ADVERB: ("adverb slots (token_type 2)", len(idx.grids), "images"),
+                                   VISUAL: ("visual positions (token_type 1)", visual_src.shape[0], "visual tokens"),
+                                   ANOMALY: ("anomaly positions (token_type 3)", anomaly_src.shape[0], "anomaly tokens")})
         slots = token_type == ADVERB
-        adverbs = self.adverb_ids(expert_out.scores)
-        _check_count(slots, adverbs.shape[0], "adverb slots (token_type 2)", "images")
-        ids[slots] = adverbs
+        ids = input_ids.masked_scatter(slots, self.adverb_ids(expert_out.scores))
         embeds = self.get_input_embeddings()(ids)
-        for kind, seqs, name in ((VISUAL, visual, "visual"), (ANOMALY, anomaly, "anomaly")):
-            mask = token_type == kind
-            source = torch.cat(seqs, dim=0).to(embeds.dtype)
-            _check_count(mask, source.shape[0], f"{name} positions (token_type {kind})", f"{name} tokens")
-            embeds = embeds.masked_scatter(mask[..., None], source)
+        for kind, source in ((VISUAL, visual_src), (ANOMALY, anomaly_src)):
+            embeds = embeds.masked_scatter((token_type == kind)[..., None], source.to(embeds.dtype))
         return embeds, expert_out
 
     def _dummy_vision(self, device: torch.device) -> Tensor:
@@ -278,8 +291,12 @@ class AnomalyOVForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
         return groups
 
 
-def _check_count(mask: Tensor, have: int, positions: str, produced: str) -> None:
-    want = int(mask.sum())
-    if want != have:
-        per_row = mask.sum(dim=-1).tolist()
-        raise SpliceError(f"batch reserves {want} {positions} (per row {per_row}) but the images produced {have} {produced}")
+def _check_counts(token_type: Tensor, expected: dict[int, tuple[str, int, str]]) -> None:
+    """Reserved positions per token type against what the images produced. One read-back of a
+    few counts per forward (the only host sync of the splice on a GPU)."""
+    reserved = torch.bincount(token_type.reshape(-1).long(), minlength=4).tolist()
+    for kind, (positions, have, produced) in expected.items():
+        if reserved[kind] != have:
+            per_row = (token_type == kind).sum(dim=-1).tolist()
+            raise SpliceError(f"batch reserves {reserved[kind]} {positions} (per row {per_row}) but the images "
+                              f"produced {have} {produced}")

@@ -30,3 +30,7 @@ class ModelConfig:
     overrides: dict[str, Any] = field(default_factory=dict)
     # Seed of the random initialisation (tiny / random-init models).
     init_seed: int = 0
+    # Build the preset's architecture with random weights and the local tokenizer instead of
+    # loading pretrained_path: GPU checks, planning and benchmarks at real dimensions, no download.
+    # (tiny is always random-init.) Never for a real training run.
+    random_init: bool = False

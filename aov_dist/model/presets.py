@@ -133,15 +133,18 @@ def build_model(cfg: ModelConfig) -> tuple[AnomalyOVForConditionalGeneration, An
         model = AnomalyOVForConditionalGeneration.from_pretrained(local, config=config, dtype=dtype, attn_implementation=attn)
         _realign(model)
     else:
-        if cfg.preset != "tiny":
+        if cfg.preset != "tiny" and not cfg.random_init:
             raise ValueError(
                 f"model.preset={cfg.preset!r} needs model.pretrained_path (an HF-format LLaVA-OneVision directory, "
-                "for its weights and Qwen2 tokenizer); only 'tiny' builds from scratch"
+                "for its weights and Qwen2 tokenizer); only 'tiny' builds from scratch (or model.random_init=true "
+                "for checks at real dimensions)"
             )
-        dims = preset_dims("tiny", cfg.overrides)
+        dims = preset_dims(cfg.preset, cfg.overrides)
         processor = tiny_processor(dims)
-        overrides = {**cfg.overrides, "vocab_size": len(processor.tokenizer)}
-        config = build_config("tiny", overrides, adverb_token_ids=processor.adverb_token_ids, **anomaly)
+        # random-init official presets keep their vocabulary (the LM head costs what it costs);
+        # the local tokenizer's ids are a subset of it
+        overrides = {**cfg.overrides, "vocab_size": dims["vocab_size"] or len(processor.tokenizer)}
+        config = build_config(cfg.preset, overrides, adverb_token_ids=processor.adverb_token_ids, **anomaly)
         with _seeded(cfg.init_seed):
             model = AnomalyOVForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation=attn)
     if cfg.expert_path:

@@ -14,5 +14,18 @@ class TrackingConfig:
     artifact_location: Optional[str] = "mlartifacts"
     experiment: str = "aov-dist"
     run_name: Optional[str] = None
+    # MLflow system metrics (CPU, memory, disk, network; GPU through nvidia-ml-py on GPU clusters),
+    # one series per node on multi-node jobs
     system_metrics: bool = True
-    registered_model_name: Optional[str] = "aov-tiny"
+    # Model Registry name of the final model. None = from the model preset and the stage
+    # (registered_model_name below: aov-0.5b-stage2, aov-tiny-stage1, ...); "" = not registered.
+    registered_model_name: Optional[str] = None
+
+
+def registered_model_name(cfg: TrackingConfig, preset: str, stage: str) -> Optional[str]:
+    """The registry name a job's final model gets: the configured one, or ``aov-<preset>-<stage>``
+    so that runs of different models and stages never become versions of one registered model."""
+    if cfg.registered_model_name is not None:
+        return cfg.registered_model_name or None
+    model = preset.replace("_", "-")
+    return f"{model if model.startswith('aov') else 'aov-' + model}-{stage}"

@@ -21,8 +21,9 @@ HF_ARTIFACT = "hf"  # the artifact name pyfunc_model.py reads
 MODEL_CODE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pyfunc_model.py")
 
 
-def log_and_register(cfg: TrackingConfig, run_id: str, hf_dir: str) -> Optional[str]:
-    """Returns ``models:/<name>/<version>`` (or the runs:/ URI when no registry name is set)."""
+def log_and_register(cfg: TrackingConfig, run_id: str, hf_dir: str, name: Optional[str]) -> Optional[str]:
+    """Returns ``models:/<name>/<version>`` (or the runs:/ URI when ``name`` is None: logged, not
+    registered)."""
     import mlflow
 
     from aov_dist.data import fs
@@ -43,10 +44,10 @@ def log_and_register(cfg: TrackingConfig, run_id: str, hf_dir: str) -> Optional[
                 name="model", python_model=MODEL_CODE, artifacts={HF_ARTIFACT: local},
                 # the environment is this project's; skip pip inference (slow, and it would guess)
                 pip_requirements=["aov-dist"],
-                registered_model_name=cfg.registered_model_name or None,
+                registered_model_name=name,
             )
-        if cfg.registered_model_name and info.registered_model_version is not None:
-            return f"models:/{cfg.registered_model_name}/{info.registered_model_version}"
+        if name and info.registered_model_version is not None:
+            return f"models:/{name}/{info.registered_model_version}"
         return info.model_uri
     finally:
         if tmp is not None:

@@ -8,7 +8,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from aov_dist.config import CONF_DIR, ConfigError, register_configs
+from aov_dist.cluster.config import ClusterConfigError
+from aov_dist.config import CONF_DIR, register_configs
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
@@ -17,7 +18,7 @@ def _app(cfg: DictConfig) -> None:
 
     try:
         result = main(cfg)
-    except ConfigError as e:
+    except ClusterConfigError as e:  # ConfigError is one too: every config problem, one type
         print(f"config error: {e}", file=sys.stderr)
         raise SystemExit(2)
     print(f"run {result.run_id}: {len(result.losses)} steps, final loss "

@@ -75,6 +75,15 @@ def latest_committed(storage: str, run_name: str) -> Optional[str]:
     return committed[-1] if committed else None
 
 
+def resume_point(train) -> Optional[str]:
+    """The one rule for where a job resumes (``train`` is the config's train section):
+    ``train.resume_from`` when given, else the run's newest committed checkpoint when
+    ``train.resume``, else nothing (a fresh start)."""
+    if train.resume_from:
+        return train.resume_from
+    return latest_committed(train.storage_path, train.run_name) if train.resume else None
+
+
 def write_marker(path: str, step: int, world_size: int) -> None:
     body = {"step": step, "world_size": world_size, "time": time.time()}
     fs.write_bytes(f"{path}/{COMMIT_MARKER}", json.dumps(body).encode())
@@ -107,11 +116,14 @@ def rng_state() -> dict[str, Any]:
     """JSON-safe RNG states (no pickles in checkpoints)."""
     py = random.getstate()
     np_state = np.random.get_state()
-    return {
+    state = {
         "python": [py[0], list(py[1]), py[2]],
         "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
         "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
     }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # this worker's current device
+        state["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -121,3 +133,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
     raw = np.frombuffer(base64.b64decode(state["torch"]), dtype=np.uint8).copy()
     torch.set_rng_state(torch.from_numpy(raw))
+    if "cuda" in state and torch.cuda.is_available():
+        raw = np.frombuffer(base64.b64decode(state["cuda"]), dtype=np.uint8).copy()
+        torch.cuda.set_rng_state(torch.from_numpy(raw))

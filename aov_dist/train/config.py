@@ -43,8 +43,6 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every_steps: int = 50
     keep_checkpoints: int = 2
-    # Ray Train restarts the worker group this many times after a worker dies.
-    max_failures: int = 0
     resume: bool = True
     # Resume from this committed step folder instead of discovering the newest one.
     resume_from: Optional[str] = None

@@ -32,6 +32,7 @@ def init_ray(cfg: TrainJobConfig) -> None:
     """Join RAY_ADDRESS / cluster.address, or start a quiet local instance."""
     import ray
 
+    from aov_dist.cluster.config import deepspeed_accelerator
     from aov_dist.cluster.scaling import runtime_env
 
     if ray.is_initialized():
@@ -42,10 +43,12 @@ def init_ray(cfg: TrainJobConfig) -> None:
         # keep the job's working directory in the workers, so relative paths mean the same everywhere
         "RAY_CHDIR_TO_TRIAL_DIR": "0",
         "PYTHONWARNINGS": "ignore",
-        "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cuda" if cfg.cluster.use_gpu else "cpu"),
+        # the cluster section decides (cuda on GPU presets); a disagreeing DS_ACCELERATOR is an error
+        "DS_ACCELERATOR": deepspeed_accelerator(cfg.cluster),
     })
     # Inside `ray job submit` Ray merges this env with the job's and refuses a key set in both
-    # (launch/submit.py forwards DS_ACCELERATOR, OMP_NUM_THREADS...): the job's value wins.
+    # (launch/submit.py forwards OMP_NUM_THREADS, and DS_ACCELERATOR when the user set it; it
+    # agrees with the cluster section, deepspeed_accelerator checked that): the job's value wins.
     for key in _job_env_keys():
         env["env_vars"].pop(key, None)
     # Worker output (DeepSpeed's chatter) stays in Ray's log files unless asked for.
@@ -93,10 +96,12 @@ def main(cfg: DictConfig | TrainJobConfig | dict[str, Any], show_progress: bool 
     from aov_dist.tracking.mlflow_tracker import create_run, finish_run
     from aov_dist.tracking.redact import redact
 
+    from aov_dist.cluster.config import deepspeed_accelerator
+
     c = validate(cfg)
+    deepspeed_accelerator(c.cluster)  # this environment's DS_ACCELERATOR, before anything starts
     _absolutize(c)
-    if c.train.resume_from is None and c.train.resume:
-        c.train.resume_from = ckpt.latest_committed(c.train.storage_path, c.train.run_name)
+    c.train.resume_from = ckpt.resume_point(c.train)
     container = OmegaConf.to_container(OmegaConf.structured(c), resolve=True)
     safe_yaml = OmegaConf.to_yaml(OmegaConf.create(redact(container)))
     run_id = create_run(c.tracking, c.train.run_name, container, safe_yaml,
@@ -133,7 +138,7 @@ def _fit(c: TrainJobConfig, container: dict, run_id: Optional[str], show_progres
         run_config=RunConfig(
             name=c.train.run_name,
             storage_path=_ray_storage(c.train.storage_path),
-            failure_config=FailureConfig(max_failures=c.train.max_failures),
+            failure_config=FailureConfig(max_failures=c.cluster.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=c.train.keep_checkpoints),
         ),
     )
@@ -182,11 +187,13 @@ def _log_final_model(c: TrainJobConfig, run_id: Optional[str], latest: Optional[
     in the checkpoint and ``aov-export`` + registration can be redone."""
     if not (c.tracking.enabled and run_id and latest):
         return None
+    from aov_dist.tracking.config import registered_model_name
     from aov_dist.tracking.model_registry import log_and_register
     from aov_dist.train.export import export
 
     try:
-        return log_and_register(c.tracking, run_id, export(latest))
+        name = registered_model_name(c.tracking, c.model.preset, c.stage.name)
+        return log_and_register(c.tracking, run_id, export(latest), name)
     except Exception as e:
         log.warning("final model of %s not logged/registered in MLflow (%s); the checkpoint holds it", latest, e)
         return None

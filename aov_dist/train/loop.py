@@ -18,7 +18,6 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from aov_dist.config import TrainJobConfig, micro_steps_per_step, to_typed
@@ -37,6 +36,7 @@ class LoopResult:
     checkpoints: list[str] = field(default_factory=list)
     skipped: dict[str, int] = field(default_factory=dict)
     resumed_from: Optional[str] = None
+    optimizer: str = ""
 
 
 def seed_everything(seed: int) -> None:
@@ -52,23 +52,14 @@ class StepTotals:
     skipped: dict[str, int]  # per skip reason, summed over ranks (the job's bad samples)
 
 
-def _step_totals(loss: float, tokens: int, skipped: dict[str, int], world: int) -> StepTotals:
-    """One all-reduce per step for every number the step logs: collectives cost a round trip each
-    (three of them per step before, issue 8). A fixed reason list keeps the tensor the same size on
-    every rank."""
+def _step_totals(strategy: DeepSpeedStrategy, loss_sum: torch.Tensor, accum: int, tokens: int,
+                 skipped: dict[str, int], world: int) -> StepTotals:
+    """One all-reduce per step for every number the step logs (a round trip each otherwise). A
+    fixed reason list keeps the tensor the same size on every rank."""
     from aov_dist.data.decode import SKIP_REASONS
 
-    t = torch.tensor([loss, float(tokens), *(float(skipped.get(k, 0)) for k in SKIP_REASONS)],
-                     dtype=torch.float64)
-    if world > 1:
-        dist.all_reduce(t)
-    v = t.tolist()
-    return StepTotals(v[0] / world, int(v[1]), {k: int(c) for k, c in zip(SKIP_REASONS, v[2:])})
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
+    v = strategy.reduce_step_totals(loss_sum, [float(tokens), *(float(skipped.get(k, 0)) for k in SKIP_REASONS)])
+    return StepTotals(v[0] / accum / world, int(v[1]), {k: int(c) for k, c in zip(SKIP_REASONS, v[2:])})
 
 
 def _model_numel(model: torch.nn.Module) -> int:
@@ -80,23 +71,24 @@ def run_training(cfg: TrainJobConfig, rank: int, world: int, run_id: Optional[st
                  on_step: Optional[Callable[[dict], None]] = None,
                  on_checkpoint: Optional[Callable[[int, str, dict], None]] = None,
                  task: Any = None, stop_after: Optional[int] = None,
-                 on_end: Optional[Callable[[Any, Any, Any], None]] = None) -> LoopResult:
+                 on_end: Optional[Callable[[Any, Any, Any], None]] = None,
+                 strategy: Optional[DeepSpeedStrategy] = None) -> LoopResult:
     """Train until the stage's last step. Needs torch.distributed initialised when world > 1.
 
-    ``task`` defaults to the stage's (tasks.make_task). ``stop_after`` ends the loop after that
-    step, as a job killed right after its checkpoint would (tests of resume).
+    ``task`` defaults to the stage's (tasks.make_task); ``strategy`` to a DeepSpeedStrategy on
+    this worker's device (the current CUDA device on GPU clusters). ``stop_after`` ends the loop
+    after that step, as a job killed right after its checkpoint would (tests of resume).
     ``on_end(strategy, engine, processor)`` runs on every rank after the last step (collective use
     allowed, e.g. a probe forward under ``strategy.gathered``).
     """
-    import deepspeed
-
+    from aov_dist.data.skip_policy import SkipPolicy
     from aov_dist.tracking.mlflow_tracker import CHECKPOINT_TAG, make_tracker
 
     quiet_library_warnings()
-    deepspeed.init_distributed(dist_backend=cfg.cluster.backend, verbose=False)
+    strategy = strategy or DeepSpeedStrategy(cfg)
+    strategy.init_distributed()
     seed_everything(cfg.train.seed)
     task = task or make_task(cfg.stage.name)
-    strategy = DeepSpeedStrategy(cfg)
     model, processor = strategy.build_model(lambda: task.build_model(cfg))
     groups = model.stage_parameter_groups(cfg.stage.name, train_vision_tower="vision_tower" in cfg.stage.lr)
     n_params = _model_numel(model)
@@ -106,12 +98,12 @@ def run_training(cfg: TrainJobConfig, rank: int, world: int, run_id: Optional[st
     steps_per_epoch = max(1, loader.batches_per_epoch // accum)
     total = cfg.stage.max_steps if cfg.stage.max_steps > 0 else max(1, math.floor(cfg.stage.epochs * steps_per_epoch))
     engine = strategy.initialize(model, groups, total, steps_per_epoch)
+    skips = SkipPolicy(cfg.data.skip_window, cfg.data.max_skip_fraction, cfg.data.fail_skip_fraction)
 
-    result = LoopResult(step=0)
-    resume = cfg.train.resume_from or (ckpt.latest_committed(cfg.train.storage_path, cfg.train.run_name)
-                                       if cfg.train.resume else None)
+    result = LoopResult(step=0, optimizer=strategy.optimizer_name)
+    resume = ckpt.resume_point(cfg.train)
     if resume:
-        _restore(strategy, engine, loader, resume, rank, result)
+        _restore(strategy, engine, loader, skips, resume, rank, result)
     tracker = make_tracker(cfg.tracking, run_id, rank)
 
     batches = iter(loader)
@@ -127,15 +119,17 @@ def run_training(cfg: TrainJobConfig, rank: int, world: int, run_id: Optional[st
     engine.train()
     while result.step < total:
         t0 = time.perf_counter()
-        loss_sum, tokens = 0.0, 0
+        loss_sum: Any = 0.0  # a device tensor after the first micro-batch: no host sync per micro-batch
+        tokens = 0
         for _ in range(accum):
-            loss, n_tokens = task.loss(engine, next_batch())
+            batch = next_batch()
+            tokens += task.count_tokens(batch)  # on the host batch, before it moves
+            loss = task.loss(engine, strategy.to_device(batch))
             engine.backward(loss)
             engine.step()
-            loss_sum += float(loss.detach())
-            tokens += n_tokens
+            loss_sum = loss_sum + loss.detach().float()
         result.step += 1
-        totals = _step_totals(loss_sum / accum, tokens, loader.skipped, world)
+        totals = _step_totals(strategy, loss_sum, accum, tokens, loader.skipped, world)
         result.losses.append(totals.loss)
         elapsed = time.perf_counter() - t0
         metrics = {"loss": totals.loss, "epoch": loader.epoch,
@@ -147,6 +141,9 @@ def run_training(cfg: TrainJobConfig, rank: int, world: int, run_id: Optional[st
         metrics.update({f"lr/{k}": v for k, v in strategy.group_lrs(engine).items()})
         # summed over ranks (every rank reads other shards): the job's bad samples, not rank 0's
         metrics.update({f"data/skipped_{k}": v for k, v in totals.skipped.items() if v})
+        window = skips.update(result.step, result.step * cfg.stage.global_batch_size, totals.skipped)
+        if window is not None:
+            metrics["data/skipped_fraction"] = window.fraction
         mfu = _mfu(cfg, n_params, metrics["tokens_per_s"], world)
         if mfu is not None:
             metrics["mfu"] = mfu
@@ -155,7 +152,7 @@ def run_training(cfg: TrainJobConfig, rank: int, world: int, run_id: Optional[st
         if on_step and rank == 0:
             on_step({"step": result.step, "total": total, **metrics})
         if result.step % cfg.train.checkpoint_every_steps == 0 or result.step == total:
-            path = _save(cfg, strategy, engine, processor, loader, result, rank, world)
+            path = _save(cfg, strategy, engine, processor, loader, result, rank, world, skips)
             result.checkpoints.append(path)
             if rank == 0:
                 tracker.set_tag(f"{CHECKPOINT_TAG}{result.step}", path)
@@ -187,12 +184,13 @@ def quiet_library_warnings() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.distributed")
 
 
-def _restore(strategy, engine, loader, path: str, rank: int, result: LoopResult) -> None:
+def _restore(strategy, engine, loader, skips, path: str, rank: int, result: LoopResult) -> None:
     local = _localize_for_read(path)
     strategy.load(engine, f"{local}/ds")
     loader.load_state_dict(ckpt.read_json(f"{path}/loader/rank_{rank}.json"))
     ckpt.set_rng_state(ckpt.read_json(f"{path}/rng/rank_{rank}.json"))
     state = ckpt.read_json(f"{path}/trainer_state.json")
+    skips.load_state_dict(state.get("skip_window", {}))
     result.step, result.losses, result.resumed_from = state["step"], list(state["losses"]), path
     log.info("rank %d resumed from %s at step %d", rank, path, result.step)
 
@@ -207,7 +205,8 @@ def _localize_for_read(path: str) -> str:
     return tmp
 
 
-def _save(cfg: TrainJobConfig, strategy, engine, processor, loader, result: LoopResult, rank: int, world: int) -> str:
+def _save(cfg: TrainJobConfig, strategy, engine, processor, loader, result: LoopResult, rank: int,
+          world: int, skips=None) -> str:
     """Every rank writes its part; after a barrier rank 0 writes the marker, then prunes old ones."""
     storage, run = cfg.train.storage_path, cfg.train.run_name
     final = ckpt.step_dir(storage, run, result.step)
@@ -222,7 +221,8 @@ def _save(cfg: TrainJobConfig, strategy, engine, processor, loader, result: Loop
     state_dict = strategy.consolidated_state_dict(engine) if cfg.train.export_hf_in_checkpoints else None
     if rank == 0:
         ckpt.write_json(f"{local}/trainer_state.json", {"step": result.step, "losses": result.losses,
-                                                        "epoch": loader.epoch, "world_size": world})
+                                                        "epoch": loader.epoch, "world_size": world,
+                                                        "skip_window": skips.state_dict() if skips else {}})
         # the job's resolved config: aov-export rebuilds the model from it (no hf/ needed)
         # (redacted: a secret-looking key, e.g. a judge API key, must not land in storage)
         fs.write_bytes(f"{local}/{ckpt.CONFIG_FILE}", _safe_yaml(cfg).encode())
@@ -234,11 +234,11 @@ def _save(cfg: TrainJobConfig, strategy, engine, processor, loader, result: Loop
             _upload(local, final, rank)
         finally:
             shutil.rmtree(local, ignore_errors=True)
-    _barrier(world)
+    strategy.barrier()
     if rank == 0:
         ckpt.write_marker(final, result.step, world)
         ckpt.prune(storage, run, cfg.train.keep_checkpoints)
-    _barrier(world)
+    strategy.barrier()
     return final
 
 

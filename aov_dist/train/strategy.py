@@ -1,17 +1,22 @@
-"""The one module that talks to DeepSpeed: config generation, model construction under zero.Init,
-engine creation with per-group learning rates and our schedules, save/load, consolidated weights."""
+"""The one module that talks to DeepSpeed: the accelerator check, config generation, model
+construction under zero.Init, the optimizer, engine creation with per-group learning rates and our
+schedules, the loop's collectives and device placement, save/load, consolidated weights."""
 from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
 import pickle
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
-from aov_dist.config import TrainJobConfig, micro_steps_per_step
+from aov_dist.config import TrainJobConfig, micro_steps_per_step, training_precision
+from aov_dist import devices
+
+log = logging.getLogger(__name__)
 
 
 def lr_factor(schedule: str, step: int, total_steps: int, steps_per_epoch: int, restart_every_epochs: float,
@@ -59,15 +64,72 @@ def engine_call(engine, method: str, *args, **kwargs):
 
 
 class DeepSpeedStrategy:
-    def __init__(self, cfg: TrainJobConfig):
+    """DeepSpeed behind one object: the worker's device, the batch's way onto it, the collectives
+    of the loop, the optimizer, the engine, save/load and consolidated weights."""
+
+    def __init__(self, cfg: TrainJobConfig, device: Optional[torch.device] = None):
         self.cfg = cfg
-        self.use_bf16 = cfg.deepspeed.precision == "bf16" or (cfg.deepspeed.precision == "auto" and cfg.cluster.use_gpu)
+        self.use_bf16 = training_precision(cfg) == "bf16"
+        # the worker's device; Ray Train (or a standalone launcher) made it the current CUDA device
+        self.device = device if device is not None else devices.worker_device(cfg.cluster.use_gpu)
+        self._collective_device: Optional[torch.device] = None
+        self.optimizer_name = ""
         self._hf_ds_config = None  # must stay referenced while the model is built under zero.Init
 
     @property
     def zero3(self) -> bool:
         return self.cfg.deepspeed.zero_stage == 3
 
+    # ------------------------------------------------------------ process group and device
+    def init_distributed(self) -> None:
+        """Join (or reuse) the process group and check that DeepSpeed runs the cluster section's
+        accelerator: a CPU accelerator on GPU nodes would put the engine off the GPUs."""
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+
+        want = self.cfg.cluster.accelerator
+        have = get_accelerator().device_name()
+        if have != want:
+            raise RuntimeError(f"DeepSpeed chose its {have!r} accelerator but cluster.use_gpu="
+                               f"{str(self.cfg.cluster.use_gpu).lower()} needs {want!r}: set DS_ACCELERATOR={want} "
+                               f"(or leave it unset) in the workers' environment before DeepSpeed is imported")
+        deepspeed.init_distributed(dist_backend=self.cfg.cluster.backend, verbose=False)
+
+    @property
+    def collective_device(self) -> torch.device:
+        """Where the tensors of this worker's collectives live (the process group's device)."""
+        if self._collective_device is None:
+            self._collective_device = devices.collective_device(self.device)
+        return self._collective_device
+
+    def to_device(self, batch: Any) -> Any:
+        """The batch on the engine's device; the model's host-side layout keys stay on the CPU."""
+        from aov_dist.model.anomaly_ov import HOST_INPUTS
+
+        return devices.move_to_device(batch, self.device, keep_on_host=HOST_INPUTS)
+
+    def reduce_step_totals(self, loss_sum: torch.Tensor, counts: Sequence[float]) -> list[float]:
+        """Sum ``[loss_sum, *counts]`` over ranks in one all-reduce and return them as floats: the
+        step's only host sync (what logging needs). float64 keeps token counts exact."""
+        import torch.distributed as dist
+
+        totals = devices.place(torch.tensor([0.0, *counts], dtype=torch.float64), self.collective_device)
+        totals[0] = loss_sum.detach()  # in place: a device-side copy, no sync
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(totals)
+        return totals.tolist()
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        if self.collective_device.type == "cuda":  # NCCL must not guess the device (it may hang)
+            dist.barrier(device_ids=[self.collective_device.index or 0])
+        else:
+            dist.barrier()
+
+    # ------------------------------------------------------------------------ the engine
     def ds_config(self) -> dict[str, Any]:
         c = self.cfg
         zero: dict[str, Any] = {"stage": c.deepspeed.zero_stage}
@@ -75,9 +137,9 @@ class DeepSpeedStrategy:
             zero["stage3_param_persistence_threshold"] = c.deepspeed.param_persistence_threshold
             zero["stage3_gather_16bit_weights_on_model_save"] = True
         if c.deepspeed.offload_optimizer:
-            zero["offload_optimizer"] = {"device": "cpu"}
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": c.cluster.use_gpu}
         if c.deepspeed.offload_params and self.zero3:
-            zero["offload_param"] = {"device": "cpu"}
+            zero["offload_param"] = {"device": "cpu", "pin_memory": c.cluster.use_gpu}
         return {
             "train_batch_size": c.stage.global_batch_size,
             "train_micro_batch_size_per_gpu": c.data.micro_batch_size,
@@ -85,7 +147,7 @@ class DeepSpeedStrategy:
             "gradient_clipping": c.stage.grad_clip,
             "zero_optimization": zero,
             "bf16": {"enabled": self.use_bf16},
-            # our optimizer is torch's AdamW with per-group learning rates
+            # on CPU without offload the optimizer is torch's AdamW (see make_optimizer)
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 10**12,
             "wall_clock_breakdown": False,
@@ -100,6 +162,32 @@ class DeepSpeedStrategy:
             self._hf_ds_config = HfDeepSpeedConfig(self.ds_config())
         return build()
 
+    def make_optimizer(self, param_groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        """AdamW in the form that is fastest where the states live: DeepSpeed's CPU Adam for
+        optimizer offload (DeepSpeed refuses another there), DeepSpeed's fused CUDA Adam on GPUs
+        (torch's fused AdamW when that op cannot be built), torch's AdamW on CPU workers."""
+        st = self.cfg.stage
+        common = dict(lr=max(st.lr.values()), weight_decay=st.weight_decay)
+        if self.cfg.deepspeed.offload_optimizer:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            self.optimizer_name = "DeepSpeedCPUAdam"
+            return DeepSpeedCPUAdam(param_groups, adamw_mode=True, **common)
+        if self.cfg.cluster.use_gpu:
+            try:
+                from deepspeed.ops.adam import FusedAdam
+
+                optimizer = FusedAdam(param_groups, adam_w_mode=True, **common)
+                self.optimizer_name = "FusedAdam"
+                return optimizer
+            except Exception as e:  # the op is JIT-built with nvcc: no compiler, no fused op
+                log.warning("DeepSpeed FusedAdam unavailable (%s: %s); using torch's fused AdamW",
+                            type(e).__name__, e)
+                self.optimizer_name = "torch.AdamW(fused)"
+                return torch.optim.AdamW(param_groups, fused=True, **common)
+        self.optimizer_name = "torch.AdamW"
+        return torch.optim.AdamW(param_groups, **common)
+
     def initialize(self, model: nn.Module, groups: dict[str, list[nn.Parameter]], total_steps: int,
                    steps_per_epoch: int):
         """DeepSpeed engine over AdamW with one param group per stage group and its own lr."""
@@ -108,7 +196,7 @@ class DeepSpeedStrategy:
         st = self.cfg.stage
         param_groups = [{"params": params, "lr": st.lr[name], "name": name, "weight_decay": st.weight_decay}
                         for name, params in groups.items()]
-        optimizer = torch.optim.AdamW(param_groups, lr=max(st.lr.values()), weight_decay=st.weight_decay)
+        optimizer = self.make_optimizer(param_groups)
 
         def schedule(opt):
             fn = lambda step: lr_factor(st.schedule, step, total_steps, steps_per_epoch, st.restart_every_epochs,
@@ -141,11 +229,11 @@ class DeepSpeedStrategy:
             raise RuntimeError(f"DeepSpeed found no checkpoint state under {directory!r}")
 
     def consolidated_state_dict(self, engine) -> Optional[dict[str, torch.Tensor]]:
-        """Full weights on rank 0 (collective under ZeRO-3; None on other ranks)."""
+        """Full weights on rank 0, in host memory (collective under ZeRO-3; None on other ranks)."""
         if self.zero3:
             return engine._zero3_consolidated_16bit_state_dict()
         if engine.global_rank == 0:
-            return {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+            return {k: v.detach().to("cpu", copy=True) for k, v in engine.module.state_dict().items()}
         return None
 
     @contextlib.contextmanager

@@ -1,8 +1,9 @@
 """What a stage trains: its model, its data stream and its loss. The loop around them is shared.
 
 A task is any object with ``stage``, ``build_model(cfg)``, ``build_loader(cfg, processor, rank,
-world)`` and ``loss(engine, batch) -> (loss, tokens)``; tests swap in their own (e.g. a loader
-that hands every world size the same global batches, for the golden-loss comparison).
+world)``, ``count_tokens(batch) -> int`` (read on the host batch, before it moves to the device)
+and ``loss(engine, batch) -> loss`` (the batch is already on the engine's device: the loop moved
+it); tests swap in their own (e.g. a loader that hands every world size the same global batches).
 """
 from __future__ import annotations
 
@@ -18,11 +19,15 @@ from aov_dist.model.config import ModelConfig
 
 def balanced_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean of the positive-class and negative-class BCE (each class weighs half whatever the
-    batch's balance); a batch holding one class only uses that class's mean."""
+    batch's balance); a batch holding one class only uses that class's mean. Computed with masks
+    rather than by asking which classes are present: no host sync on a GPU."""
     losses = F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none")
-    pos = labels > 0.5
-    terms = [losses[m].mean() for m in (pos, ~pos) if bool(m.any())]
-    return torch.stack(terms).mean()
+    pos = (labels > 0.5).float()
+    masks = torch.stack([pos, 1.0 - pos])  # [2, N]
+    counts = masks.sum(dim=1)
+    means = (masks * losses).sum(dim=1) / counts.clamp(min=1.0)
+    present = (counts > 0).float()
+    return (means * present).sum() / present.sum()
 
 
 def model_config_for(cfg: TrainJobConfig) -> ModelConfig:
@@ -30,14 +35,19 @@ def model_config_for(cfg: TrainJobConfig) -> ModelConfig:
     an expert .pth (released pretrained_expert_*.pth) on top of the model section's weights."""
     from aov_dist.data import fs
 
+    from aov_dist.config import training_precision
+
+    # built in the precision DeepSpeed trains in (zero.Init partitions it so, at once)
+    model = dataclasses.replace(cfg.model, dtype=training_precision(cfg))
     init = cfg.stage.init_from
     if not init:
-        return cfg.model
+        return model
     if init.endswith((".pth", ".pt", ".bin")):
-        return dataclasses.replace(cfg.model, expert_path=init)
+        return dataclasses.replace(model, expert_path=init)
     hf = f"{init.rstrip('/')}/hf"
     # the architecture comes from the folder: preset overrides no longer apply
-    return dataclasses.replace(cfg.model, pretrained_path=hf if fs.exists(f"{hf}/config.json") else init, overrides={})
+    return dataclasses.replace(model, pretrained_path=hf if fs.exists(f"{hf}/config.json") else init, overrides={},
+                               random_init=False)
 
 
 class _ModelTask:
@@ -55,7 +65,13 @@ class _ModelTask:
         from aov_dist.data.stream import build_loader
 
         return build_loader(cfg.data, rank, world, transform=self.transform(processor, cfg),
-                            collate=processor.collate, stage=self.stage)
+                            collate=processor.collate, stage=self.stage, pin_memory=cfg.cluster.use_gpu)
+
+    @staticmethod
+    def count_tokens(batch: dict[str, torch.Tensor]) -> int:
+        """Real (non-padding) tokens of a host-side batch; 0 for batches without text."""
+        mask = batch.get("attention_mask")
+        return int(mask.sum()) if mask is not None else 0
 
 
 class Stage1Task(_ModelTask):
@@ -68,12 +84,12 @@ class Stage1Task(_ModelTask):
 
         return ExpertTransform(processor)
 
-    def loss(self, engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    def loss(self, engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         from aov_dist.train.strategy import engine_call
 
         # through engine.forward, never engine.module directly: ZeRO-3 accumulation needs its hooks
         out = engine_call(engine, "expert_forward", batch["pixel_values"], batch["image_grids"])
-        return balanced_bce(out.logits, batch["image_labels"]), 0
+        return balanced_bce(out.logits, batch["image_labels"])
 
 
 class Stage2Task(_ModelTask):
@@ -86,9 +102,8 @@ class Stage2Task(_ModelTask):
 
         return ConversationTransform(processor, cfg.data.max_length)
 
-    def loss(self, engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        out = engine(**batch)
-        return out.loss, int(batch["attention_mask"].sum())
+    def loss(self, engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return engine(**batch).loss
 
 
 def make_task(stage: str):
