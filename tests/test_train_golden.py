@@ -30,13 +30,14 @@ def runs(synthetic_shards, tmp_path_factory):
     manifest = synthetic_shards.manifest_path
     cache: dict[str, list[dict]] = {}
 
-    def run(name: str, *, world: int, zero: int, steps: int = STEPS, storage: str | None = None,
-            run_name: str = "golden") -> list[dict]:
+    def run(name: str, *, world: int, zero: int | str, steps: int = STEPS, storage: str | None = None,
+            run_name: str = "golden", extra: tuple[str, ...] = ()) -> list[dict]:
         if name not in cache:
             nw = 2 // world  # slots = world x workers = 2 in every run
             cfg = typed_cfg(tiny_overrides(manifest, storage or root / name, world=world, num_workers=nw, zero=zero,
                                            steps=steps, run_name=run_name,
-                                           extra=["train.checkpoint_every_steps=2", "train.keep_checkpoints=3"]))
+                                           extra=["train.checkpoint_every_steps=2", "train.keep_checkpoints=3",
+                                                  *extra]))
             cache[name] = run_ranks(cfg, root / f"{name}_out")
         return cache[name]
 
@@ -90,3 +91,19 @@ def test_resume_equals_uninterrupted_and_ignores_uncommitted(runs):
     # the uncommitted folder is still there (newer than every commit) but was never loaded
     assert fake.exists() and not ckpt.is_committed(str(fake))
     assert ckpt.latest_committed(str(storage), "r") == _final(second)
+
+
+def test_zero3_with_cpu_offload_trains_like_zero3_and_resumes_exactly(runs):
+    """deepspeed=zero3_offload: optimizer states and parameters in host memory, DeepSpeed's CPU Adam
+    (DeepSpeed refuses torch's AdamW there); same losses as ZeRO-3 with torch's AdamW."""
+    plain = runs("z3_w2", world=2, zero=3)
+    offload = runs("off_w2", world=2, zero="3_offload")
+    assert plain[0]["optimizer"] == "torch.AdamW" and offload[0]["optimizer"] == "DeepSpeedCPUAdam"
+    assert offload[0]["losses"] == pytest.approx(plain[0]["losses"], rel=1e-4)
+    step2 = offload[0]["checkpoints"][0]
+    assert Path(step2).name == "step_2"
+    resumed = runs("off_resumed", world=2, zero="3_offload", run_name="off-resumed",
+                   extra=(f"train.resume_from='{step2}'",))
+    assert resumed[0]["resumed_from"] == step2
+    assert resumed[0]["losses"] == pytest.approx(offload[0]["losses"], rel=1e-6)
+    assert_states_close(hf_state(_final(resumed)), hf_state(_final(offload)), rtol=1e-6, atol=1e-8)

@@ -29,7 +29,7 @@ def compose_cfg(overrides: list[str]):
 
 
 def tiny_overrides(manifest: str | Path, storage: str | Path, *, world: int = 1, num_workers: int = 1,
-                   steps: int = 4, global_batch: int = 8, micro: int = 2, zero: int = 3,
+                   steps: int = 4, global_batch: int = 8, micro: int = 2, zero: int | str = 3,
                    run_name: str = "golden", tracking: bool = False, extra: Optional[list[str]] = None) -> list[str]:
     """Overrides of a tiny stage-1 job on ``manifest``: ``world`` workers, ZeRO-``zero`` really
     partitioned (persistence threshold 0), no MLflow unless ``tracking``."""
