@@ -102,5 +102,24 @@ cluster-down:
 multinode-demo: setup
 	$(PY) -m pytest tests/test_multinode.py -m slow -v -rs $(PYTEST_ARGS)
 
+# ---- the GPU rehearsal: one script for a GPU machine that has only PyTorch (docs/benchmarks.md) ----
+# make gpu-wheels (here, with PyPI) puts what that machine lacks into .whl/; make gpu-check there
+# installs them into .gpu-site/ and runs benchmarks/gpu_check.py. With this checkout's .venv (any
+# machine that ran make setup) it uses the venv instead. GPU_CHECK_ARGS=--allow-cpu: tiny, on CPU.
+GPU_CHECK_ARGS ?=
+GPU_WHEELS := .whl
+GPU_SITE := .gpu-site
+.PHONY: gpu-check gpu-wheels
+
+gpu-wheels: setup
+	$(PY) benchmarks/gpu_wheels.py --out $(GPU_WHEELS)
+
+gpu-check:
+	@if [ -x $(PY) ]; then py=$(PY); else py=python3; \
+	  if ls $(GPU_WHEELS)/*.whl >/dev/null 2>&1; then \
+	    $$py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $(GPU_SITE) $(GPU_WHEELS)/*.whl; \
+	  else echo "gpu-check: no $(GPU_WHEELS)/ (make gpu-wheels); using what $$py has" >&2; fi; fi; \
+	PYTHONPATH=$(CURDIR)/$(GPU_SITE)$${PYTHONPATH:+:$$PYTHONPATH} $$py benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
+
 clean:
-	rm -rf mlruns mlartifacts mlflow.db ray_results outputs demo_out data_shards/synthetic .pytest_cache k8s/rendered
+	rm -rf mlruns mlartifacts mlflow.db ray_results outputs demo_out data_shards/synthetic .pytest_cache k8s/rendered .gpu-site
