@@ -120,7 +120,7 @@ def job_config(opts: dict, attn: str, run_name: str, resume_from: Optional[str] 
     from aov_dist.config import CONF_DIR, register_configs, to_typed
 
     gpu, world = opts["gpu"], opts["world"]
-    cluster = ([f"cluster=h100", "cluster.nodes=1", f"cluster.workers_per_node={world}", f"cluster.gpus_per_node={world}",
+    cluster = (["cluster=h100", "cluster.nodes=1", f"cluster.workers_per_node={world}", f"cluster.gpus_per_node={world}",
                 "cluster.accelerator_type=null"] if gpu else ["cluster=local", f"cluster.workers_per_node={world}"])
     overrides = [
         f"model={opts['preset']}", "model.pretrained_path=null", f"model.random_init={opts['preset'] != 'tiny'}",

@@ -65,8 +65,8 @@ def _client(uri: str):
 
 
 class MlflowTracker(Tracker):
-    def __init__(self, uri: str, run_id: str, system_metrics: bool = False, retry_after_s: float = 30.0,
-                 max_buffer: int = 10000, client: Any = None):
+    def __init__(self, uri: str, run_id: str, retry_after_s: float = 30.0, max_buffer: int = 10000,
+                 client: Any = None):
         self.uri, self.run_id = uri, run_id
         self.client = client or _client(uri)
         self.retry_after_s = retry_after_s
@@ -75,19 +75,6 @@ class MlflowTracker(Tracker):
         self.failures = 0
         self._down_until = 0.0
         self._warned = False
-        self._monitor = None
-        if system_metrics:
-            try:
-                import mlflow
-                from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-                # the monitor logs through the fluent client: point it at this run's server
-                mlflow.set_tracking_uri(uri)
-
-                self._monitor = SystemMetricsMonitor(run_id, sampling_interval=10)
-                self._monitor.start()
-            except Exception as e:  # psutil missing, server down: training goes on
-                log.warning("MLflow system metrics disabled: %s", e)
 
     def _submit(self, what: str, call: Callable[[], None]) -> None:
         if len(self.pending) == self.pending.maxlen:
@@ -138,11 +125,6 @@ class MlflowTracker(Tracker):
             log.warning("MLflow: %d tracking calls could not be sent (server unreachable)", len(self.pending))
         if self.dropped:
             log.warning("MLflow: %d tracking calls were dropped (buffer full)", self.dropped)
-        if self._monitor is not None:
-            try:
-                self._monitor.finish()
-            except Exception:
-                pass
 
 
 class BackgroundTracker(Tracker):
@@ -239,7 +221,7 @@ class BackgroundTracker(Tracker):
 def make_tracker(cfg: TrackingConfig, run_id: Optional[str], rank: int, background: bool = True) -> Tracker:
     if not cfg.enabled or run_id is None or rank != 0:
         return NullTracker()
-    inner = MlflowTracker(cfg.uri, run_id, system_metrics=cfg.system_metrics)
+    inner = MlflowTracker(cfg.uri, run_id)
     return BackgroundTracker(inner) if background else inner
 
 

@@ -82,7 +82,8 @@ def run_training(cfg: TrainJobConfig, rank: int, world: int, run_id: Optional[st
     allowed, e.g. a probe forward under ``strategy.gathered``).
     """
     from aov_dist.data.skip_policy import SkipPolicy
-    from aov_dist.tracking.mlflow_tracker import CHECKPOINT_TAG, make_tracker
+    from aov_dist.tracking.mlflow_tracker import make_tracker
+    from aov_dist.tracking.system_metrics import start_node_monitor, stop_node_monitor
 
     quiet_library_warnings()
     strategy = strategy or DeepSpeedStrategy(cfg)
@@ -105,6 +106,47 @@ def run_training(cfg: TrainJobConfig, rank: int, world: int, run_id: Optional[st
     if resume:
         _restore(strategy, engine, loader, skips, resume, rank, result)
     tracker = make_tracker(cfg.tracking, run_id, rank)
+    # the first worker of each node samples the node's CPUs, memory and GPUs into the run
+    monitor = (start_node_monitor(cfg.tracking, run_id, int(os.environ.get("NODE_RANK", 0)), cfg.cluster.nodes)
+               if int(os.environ.get("LOCAL_RANK", rank)) == 0 else None)
+    try:
+        job = _Job(cfg, strategy, engine, task, processor, loader, skips, tracker, rank, world, total, accum, n_params)
+        _train_steps(job, result, on_step, on_checkpoint, stop_after)
+        if on_end is not None:
+            on_end(strategy, engine, processor)
+    finally:
+        stop_node_monitor(monitor)
+        tracker.close()  # also after a failure: what was logged up to it reaches the run
+    result.skipped = dict(loader.skipped)
+    return result
+
+
+@dataclass
+class _Job:
+    """What the steps of one training job work with (built once by run_training)."""
+
+    cfg: TrainJobConfig
+    strategy: DeepSpeedStrategy
+    engine: Any
+    task: Any
+    processor: Any
+    loader: Any
+    skips: Any
+    tracker: Any
+    rank: int
+    world: int
+    total: int  # optimizer steps of the stage
+    accum: int  # micro-batches per optimizer step on each rank
+    n_params: int
+
+
+def _train_steps(job: _Job, result: LoopResult, on_step, on_checkpoint, stop_after: Optional[int]) -> None:
+    """Optimizer steps until ``total`` (or ``stop_after``): forward/backward of every micro-batch,
+    one all-reduce of what the step logs, metrics, checkpoints."""
+    from aov_dist.tracking.mlflow_tracker import CHECKPOINT_TAG
+
+    cfg, strategy, engine, task, loader, rank = job.cfg, job.strategy, job.engine, job.task, job.loader, job.rank
+    total, accum = job.total, job.accum
 
     batches = iter(loader)
 
@@ -129,7 +171,7 @@ def run_training(cfg: TrainJobConfig, rank: int, world: int, run_id: Optional[st
             engine.step()
             loss_sum = loss_sum + loss.detach().float()
         result.step += 1
-        totals = _step_totals(strategy, loss_sum, accum, tokens, loader.skipped, world)
+        totals = _step_totals(strategy, loss_sum, accum, tokens, loader.skipped, job.world)
         result.losses.append(totals.loss)
         elapsed = time.perf_counter() - t0
         metrics = {"loss": totals.loss, "epoch": loader.epoch,
@@ -141,30 +183,25 @@ def run_training(cfg: TrainJobConfig, rank: int, world: int, run_id: Optional[st
         metrics.update({f"lr/{k}": v for k, v in strategy.group_lrs(engine).items()})
         # summed over ranks (every rank reads other shards): the job's bad samples, not rank 0's
         metrics.update({f"data/skipped_{k}": v for k, v in totals.skipped.items() if v})
-        window = skips.update(result.step, result.step * cfg.stage.global_batch_size, totals.skipped)
+        window = job.skips.update(result.step, result.step * cfg.stage.global_batch_size, totals.skipped)
         if window is not None:
             metrics["data/skipped_fraction"] = window.fraction
-        mfu = _mfu(cfg, n_params, metrics["tokens_per_s"], world)
+        mfu = _mfu(cfg, job.n_params, metrics["tokens_per_s"], job.world)
         if mfu is not None:
             metrics["mfu"] = mfu
         if rank == 0 and result.step % cfg.train.log_every_steps == 0:
-            tracker.log_metrics(metrics, result.step)
+            job.tracker.log_metrics(metrics, result.step)
         if on_step and rank == 0:
             on_step({"step": result.step, "total": total, **metrics})
         if result.step % cfg.train.checkpoint_every_steps == 0 or result.step == total:
-            path = _save(cfg, strategy, engine, processor, loader, result, rank, world, skips)
+            path = _save(cfg, strategy, engine, job.processor, loader, result, rank, job.world, job.skips)
             result.checkpoints.append(path)
             if rank == 0:
-                tracker.set_tag(f"{CHECKPOINT_TAG}{result.step}", path)
+                job.tracker.set_tag(f"{CHECKPOINT_TAG}{result.step}", path)
             if on_checkpoint:
                 on_checkpoint(result.step, path, metrics)
         if stop_after is not None and result.step >= stop_after:
             break
-    if on_end is not None:
-        on_end(strategy, engine, processor)
-    result.skipped = dict(loader.skipped)
-    tracker.close()
-    return result
 
 
 def _mfu(cfg: TrainJobConfig, n_params: int, tokens_per_s: float, world: int) -> Optional[float]:
