@@ -14,8 +14,8 @@ one process per visible GPU over NCCL (gloo on CPU), and prints one JSON summary
 (d) one evaluation batch with ``generate`` through the evaluation backend on the checkpoint's hf/.
 
 Batches are synthetic and deterministic per (rank, position): one 768x768 image (a 2x2 AnyRes grid,
-5 SigLIP views) plus ``--text-len`` random text tokens per sample (``gpu_mfu.make_batch``), so a
-resumed loader hands out exactly the batches an uninterrupted one would.
+5 SigLIP views) plus ``--text-len`` random text tokens per sample (``aov_dist.train.synthetic``),
+so a resumed loader hands out exactly the batches an uninterrupted one would.
 
     python benchmarks/gpu_check.py                 # every visible GPU, aov_0.5b, bf16
     python benchmarks/gpu_check.py --allow-cpu     # no CUDA: the same script at tiny size, 2 gloo ranks
@@ -65,53 +65,6 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     return args
 
 
-# ------------------------------------------------------------------------------- synthetic data
-class SyntheticBatches:
-    """A resumable loader of fixed-shape stage-2 batches, deterministic per (rank, position)."""
-
-    def __init__(self, processor, vocab: int, micro: int, text_len: int, rank: int, per_epoch: int = 10**6):
-        self.processor, self.vocab, self.micro, self.text_len, self.rank = processor, vocab, micro, text_len, rank
-        self.batches_per_epoch, self.epoch, self.position = per_epoch, 0, 0
-        self.skipped: dict[str, int] = {}
-
-    def batch(self, position: int) -> dict[str, torch.Tensor]:
-        import gpu_mfu
-
-        batch, _ = gpu_mfu.make_batch(self.processor, self.vocab, self.micro, self.text_len,
-                                      seed=1_000_003 * self.rank + position)
-        return batch
-
-    def __iter__(self):
-        while self.position < self.batches_per_epoch:
-            self.position += 1
-            yield self.batch(self.position - 1)
-
-    def state_dict(self) -> dict:
-        return {"position": self.position, "epoch": self.epoch}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.position, self.epoch = int(state["position"]), int(state["epoch"])
-
-
-def make_task(text_len: int):
-    from aov_dist.train.tasks import Stage2Task
-
-    class SyntheticStage2(Stage2Task):
-        """The real stage-2 model and loss on synthetic batches."""
-
-        def build_loader(self, cfg, processor, rank, world):
-            vocab = processor_vocab(cfg, processor)
-            return SyntheticBatches(processor, vocab, cfg.data.micro_batch_size, text_len, rank)
-
-    return SyntheticStage2()
-
-
-def processor_vocab(cfg, processor) -> int:
-    from aov_dist.model.presets import preset_dims
-
-    return preset_dims(cfg.model.preset)["vocab_size"] or len(processor.tokenizer)
-
-
 # ----------------------------------------------------------------------------------- the config
 def job_config(opts: dict, attn: str, run_name: str, resume_from: Optional[str] = None):
     from hydra import compose, initialize_config_dir
@@ -146,12 +99,14 @@ def job_config(opts: dict, attn: str, run_name: str, resume_from: Optional[str] 
 def _train(opts: dict, attn: str, run_name: str, rank: int, world: int, stop_after: int,
            resume_from: Optional[str] = None) -> dict[str, Any]:
     from aov_dist.train.loop import run_training
+    from aov_dist.train.synthetic import synthetic_stage2_task
 
     steps: list[dict] = []
     t0 = time.perf_counter()
     if opts["gpu"]:
         torch.cuda.reset_peak_memory_stats()
-    result = run_training(job_config(opts, attn, run_name, resume_from), rank, world, task=make_task(opts["text_len"]),
+    result = run_training(job_config(opts, attn, run_name, resume_from), rank, world,
+                          task=synthetic_stage2_task(opts["text_len"]),
                           stop_after=stop_after, on_step=lambda m: steps.append({**m, "t": time.perf_counter() - t0}))
     out = {"losses": result.losses, "checkpoints": result.checkpoints, "optimizer": result.optimizer,
            "first_step_s": steps[0]["t"] if steps else None, "steps": steps,

@@ -48,23 +48,18 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 # Run as a script from anywhere: import the package of this checkout (no install needed).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
 from torch import nn  # noqa: E402
 
 from aov_dist.model.anomaly_ov import AnomalyOVForConditionalGeneration  # noqa: E402
-from aov_dist.model.layout import crop_grid, num_views  # noqa: E402
+from aov_dist.model.layout import num_views  # noqa: E402
 from aov_dist.model.presets import build_config, preset_dims, resolve_dtype, tiny_processor  # noqa: E402
 from aov_dist.model.processor import AnomalyOVProcessor  # noqa: E402
-from aov_dist.model.tokenizer import DETECTION_PROMPT  # noqa: E402
-
-GRID = (2, 2)  # AnyRes crop grid of every benchmark image
+from aov_dist.train.synthetic import GRID, synthetic_sample  # noqa: E402  (GRID: every benchmark image's crops)
 TABLE_COLUMNS = ("attn", "tokens/s", "samples/s", "step_ms", "TFLOP/s", "peak_TFLOP/s", "MFU_%", "peak_mem_GiB")
 FLOP_FORMULA = (
     "FLOPs/sample = 6*N_llm*S + 12*L*H*S^2 + 6*N_proj*P + 2*N_vis*V*T + 4*L_v*D_v*T^2*V + 2*N_exp*V*T"
@@ -152,32 +147,17 @@ def benchmark_processor(preset: str) -> AnomalyOVProcessor:
 def make_batch(
     processor: AnomalyOVProcessor, vocab_size: int, batch_size: int, text_len: int, seed: int = 0
 ) -> tuple[dict[str, torch.Tensor], SampleShape]:
-    """`batch_size` samples of one 2x2-grid image and exactly `text_len` text tokens each.
-
-    The processor lays out a detection question and answer (the real token layout: visual, the
-    inserted "with <adv> suspicious features: ", anomaly tokens); the text is then lengthened with
-    random ids over the model vocabulary, as training targets, up to `text_len` tokens that are not
-    filled from the image (token_type 0)."""
-    layout = processor.layout
-    side = layout.image_size * GRID[0]
-    if crop_grid(layout, side, side) != GRID:
-        raise RuntimeError(f"a {side}x{side} image gives grid {crop_grid(layout, side, side)}, expected {GRID}")
-    rng = np.random.default_rng(seed)
-    image = Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8))
-    conversation = [{"from": "human", "value": f"<image>\n{DETECTION_PROMPT}"}, {"from": "gpt", "value": "Yes."}]
-    sample = processor.encode_conversation([image], conversation, max_length=1 << 20, sample_id="gpu_mfu")
-    have = int((sample["token_type"] == 0).sum())
-    if text_len < have:
-        raise ValueError(f"--seq-len {text_len}: the chat layout alone holds {have} text tokens; use at least {have}")
-    gen = torch.Generator().manual_seed(seed)
-    extra = torch.randint(0, vocab_size, (text_len - have,), generator=gen)
-    sample["input_ids"] = torch.cat([sample["input_ids"], extra])
-    sample["labels"] = torch.cat([sample["labels"], extra])
-    sample["token_type"] = torch.cat([sample["token_type"], torch.zeros(len(extra), dtype=sample["token_type"].dtype)])
+    """`batch_size` samples of one 2x2-grid image and exactly `text_len` text tokens each
+    (aov_dist.train.synthetic: a detection exchange in the real token layout, lengthened with random
+    ids over the model vocabulary as training targets), and the sample's shape for the formula."""
+    try:
+        sample = synthetic_sample(processor, vocab_size, text_len, seed=seed, grid=GRID)
+    except ValueError as exc:  # too short for the chat layout: say it in the CLI's words
+        raise ValueError(str(exc).replace(f"text_len {text_len}", f"--seq-len {text_len}")) from None
     batch = processor.collate([sample] * batch_size)
     views = num_views(GRID)
     anomaly = int((sample["token_type"] == 3).sum())
-    grid = layout.grid
+    grid = processor.layout.grid
     shape = SampleShape(seq_len=len(sample["input_ids"]), views=views, view_tokens=grid * grid,
                         projected_tokens=views * grid * grid + anomaly)
     return batch, shape

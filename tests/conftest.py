@@ -133,9 +133,6 @@ def synthetic_shards(synthetic_data, tmp_path_factory) -> SyntheticShards:
 
 # The 2-core CI box is shared: keep BLAS from spawning threads in every test process.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-# The suite's DeepSpeed runs are CPU/gloo runs, also on a developer machine with a GPU (the GPU
-# checks set their own environment); a test of GPU presets' launch clears it for its subprocess.
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -38,6 +38,7 @@ def test_eval_without_ray_address_points_to_make_eval(monkeypatch, capsys):
 
 def test_dry_run_shows_exact_train_entrypoint(monkeypatch, capsys):
     monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)  # the suite's CPU setting would contradict a100
     rc = submit.main(["train", "--nodes", "2", "--cluster", "a100", "--dry-run", "--submission-id", "job-1",
                       "--", "tags=[a, b]", "train.storage_path=s3://b/runs"])
     out = capsys.readouterr().out

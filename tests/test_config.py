@@ -121,3 +121,38 @@ def test_tracking_presets(tmp_path, monkeypatch):
         cfg = compose("config", overrides=["tracking=server"])
     assert (cfg.tracking.uri, cfg.tracking.artifact_location) == ("http://mlflow.aov.svc:5000", None)
     assert validate(_compose(tmp_path, "tracking=off")).tracking.enabled is False
+
+
+@pytest.mark.parametrize("overrides, key, words", [
+    (["model.dtype=bf16"], "model.dtype", "disagrees with the training precision 'fp32'"),
+    (["model.random_init=true", "model.pretrained_path=/x"], "model.random_init", "exclude each other"),
+    (["deepspeed=zero2", "deepspeed.offload_params=true"], "deepspeed.offload_params", "needs ZeRO-3"),
+    (["data.max_skip_fraction=0.5", "data.fail_skip_fraction=0.1"], "data.max_skip_fraction",
+     "max_skip_fraction <= fail_skip_fraction"),
+    (["cluster.max_failures=-2"], "cluster.max_failures", "-1 (unlimited) or >= 0"),
+])
+def test_gpu_era_settings_that_cannot_work_name_the_key(tmp_path, overrides, key, words):
+    with pytest.raises(ConfigError) as e:
+        validate(_compose(tmp_path, *overrides))
+    assert e.value.key == key and words in str(e.value)
+
+
+def test_training_precision_is_bf16_on_gpu_clusters_and_fp32_on_cpu(tmp_path):
+    from aov_dist.config import training_precision
+
+    assert training_precision(validate(_compose(tmp_path))) == "fp32"
+    gpu = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(validate(_compose(tmp_path))),
+                                              {"cluster": {"use_gpu": True}}))
+    assert training_precision(gpu) == "bf16"
+    gpu.deepspeed.precision = "fp32"
+    assert training_precision(gpu) == "fp32"
+
+
+@pytest.mark.parametrize("preset, stage, configured, name", [
+    ("tiny", "stage1", None, "aov-tiny-stage1"), ("aov_0.5b", "stage2", None, "aov-0.5b-stage2"),
+    ("aov_7b", "stage1", None, "aov-7b-stage1"), ("aov_7b", "stage2", "team-model", "team-model"),
+    ("aov_7b", "stage2", "", None)])
+def test_the_registered_model_is_named_after_preset_and_stage(preset, stage, configured, name):
+    from aov_dist.tracking.config import TrackingConfig, registered_model_name
+
+    assert registered_model_name(TrackingConfig(registered_model_name=configured), preset, stage) == name

@@ -121,3 +121,29 @@ def test_stage2_strict_mode_names_the_too_long_shard_and_key(tmp_path, synthetic
     named = [key for url, key in too_long if f"too_long: shard {url} sample {key!r}" in text]
     assert "SampleError" in text and named, text[-2000:]
     assert not list((tmp_path / "runs").rglob("COMMITTED"))
+
+
+def stop_on_too_many_skips(cfg, rank: int, world: int) -> dict:
+    """A rank that reports the skip policy's failure instead of dying of it."""
+    from aov_dist.data.skip_policy import TooManySkippedSamples
+    from train_harness import train_rank
+
+    try:
+        return {"failed": None, **train_rank(cfg, rank, world)}
+    except TooManySkippedSamples as e:
+        return {"failed": str(e)}
+
+
+def test_too_many_too_long_samples_stop_every_rank_naming_data_max_length(tmp_path, synthetic_shards):
+    from train_harness import run_ranks, typed_cfg
+
+    manifest, _ = stage2_shards(synthetic_shards.manifest_path, tmp_path / "s2")
+    # windows of 4 samples read: the first window holds a skipped 8-view sample (1 in 5 = 20 %)
+    cfg = typed_cfg(_stage2(manifest, tmp_path, "s2limit", extra=["data.skip_window=4", "data.fail_skip_fraction=0.1",
+                                                                  "data.max_skip_fraction=0.05"]))
+    cfg.tracking.enabled = False
+    ranks = run_ranks(cfg, tmp_path / "out", rank_fn=stop_on_too_many_skips, deadline_s=300)
+    messages = [r["failed"] for r in ranks]
+    assert messages[0] is not None and messages[0] == messages[1], messages  # same verdict, same step
+    assert "too_long" in messages[0] and "data.max_length" in messages[0] and "data.fail_skip_fraction=0.1" in messages[0]
+    assert not list((tmp_path / "runs").rglob("COMMITTED"))  # stopped before its first checkpoint

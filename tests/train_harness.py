@@ -95,11 +95,15 @@ def _rank_main(rank: int, world: int, port: int, container: dict, out_dir: str, 
         dist.destroy_process_group()
 
 
-def run_ranks(cfg, out_dir: str | Path, rank_fn=train_rank) -> list[dict]:
+def run_ranks(cfg, out_dir: str | Path, rank_fn=train_rank, deadline_s: Optional[float] = None) -> list[dict]:
     """Run ``cfg`` (a TrainJobConfig from typed_cfg) on cfg.cluster.num_workers spawned gloo ranks;
     returns every rank's dict. ``rank_fn(cfg, rank, world) -> dict`` (a module-level function, so
     the spawned process can import it) defaults to ``train_rank``: the LoopResult (losses are global
-    means, equal on all ranks) and rank 0's metrics."""
+    means, equal on all ranks) and rank 0's metrics. ``deadline_s``: a rank still running then is a
+    hang: the ranks are killed and the test fails (instead of hanging the suite)."""
+    import time
+
+    import pytest
     import torch.multiprocessing as mp
     from omegaconf import OmegaConf
 
@@ -107,7 +111,13 @@ def run_ranks(cfg, out_dir: str | Path, rank_fn=train_rank) -> list[dict]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     container = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-    mp.spawn(_rank_main, args=(world, free_port(), container, str(out_dir), rank_fn), nprocs=world, join=True)
+    ctx = mp.spawn(_rank_main, args=(world, free_port(), container, str(out_dir), rank_fn), nprocs=world, join=False)
+    end = None if deadline_s is None else time.monotonic() + deadline_s
+    while not ctx.join(timeout=2):
+        if end is not None and time.monotonic() > end:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{world}-rank job still running after {deadline_s} s: a rank hangs")
     return [json.loads((out_dir / f"rank_{r}.json").read_text()) for r in range(world)]
 
 
