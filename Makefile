@@ -13,7 +13,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 # the 25 slowest tests are listed at the end of every run (CI time budget: keep `make test` < ~25 min)
 PYTEST_ARGS ?= --durations=25
 
-.PHONY: setup test test-fast demo shards train eval export launch launch-eval k8s mlflow-ui bench clean
+.PHONY: setup test test-fast demo shards train eval export launch launch-eval k8s mlflow-ui bench plan clean
 
 setup: $(STAMP)
 
@@ -50,6 +50,11 @@ $(SYNTH_DIR)/shards/manifest.json:
 TRAIN_ARGS ?= stage.global_batch_size=16 data.micro_batch_size=8 stage.max_steps=60 train.checkpoint_every_steps=20 +stage.lr.vision_tower=1e-3
 train: shards
 	$(PY) -m aov_dist.train $(TRAIN_ARGS)
+
+# The pre-launch plan of a job (parameters, tokens per sample, per-GPU memory estimate); starts nothing:
+#   make plan ARGS="experiment=aov_7b_stage2 cluster.nodes=8"
+plan: setup
+	$(PY) -m aov_dist.train.plan_cli $(ARGS)
 
 eval: shards
 	$(PY) -m aov_dist.eval num_workers=2 checkpoint_root=ray_results $(EVAL_ARGS)

@@ -12,6 +12,7 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from aov_dist.cluster.config import ClusterConfig, ClusterConfigError, validate_cluster
 from aov_dist.data.config import DataConfig
@@ -55,6 +56,9 @@ def to_typed(cfg: DictConfig | TrainJobConfig | dict[str, Any]) -> TrainJobConfi
             cfg = OmegaConf.to_container(cfg, resolve=True)
         merged = OmegaConf.merge(OmegaConf.structured(TrainJobConfig), cfg)
         return OmegaConf.to_object(merged)
+    except MissingMandatoryValue as e:
+        raise ConfigError(str(getattr(e, "full_key", None) or "config"),
+                          "must be set (the config marks it ??? and nothing gave it a value)") from e
     except Exception as e:  # omegaconf's errors carry full_key; surface it first
         key = getattr(e, "full_key", None) or "config"
         raise ConfigError(str(key), str(e).splitlines()[0]) from e
@@ -76,8 +80,10 @@ def training_precision(cfg: TrainJobConfig) -> str:
     return cfg.deepspeed.precision
 
 
-def validate(cfg: DictConfig | TrainJobConfig | dict[str, Any]) -> TrainJobConfig:
-    """Typed, checked config, or one ConfigError naming the key. Touches no Ray / MLflow resource."""
+def validate(cfg: DictConfig | TrainJobConfig | dict[str, Any], *, check_paths: bool = True) -> TrainJobConfig:
+    """Typed, checked config, or one ConfigError naming the key. Touches no Ray / MLflow resource.
+    ``check_paths=False`` skips the existence checks of input paths (the planner checks a job
+    before its inputs exist, or with placeholders for the ones not given yet)."""
     c = to_typed(cfg)
     workers = c.cluster.num_workers
     per_step = workers * c.data.micro_batch_size
@@ -85,6 +91,8 @@ def validate(cfg: DictConfig | TrainJobConfig | dict[str, Any]) -> TrainJobConfi
         raise ConfigError("stage.name", f"must be one of {STAGES}, got {c.stage.name!r}")
     if c.stage.schedule not in SCHEDULES:
         raise ConfigError("stage.schedule", f"must be one of {SCHEDULES}, got {c.stage.schedule!r}")
+    if c.data.micro_batch_size < 1:
+        raise ConfigError("data.micro_batch_size", f"must be >= 1, got {c.data.micro_batch_size}")
     if c.stage.global_batch_size < 1 or c.stage.global_batch_size % per_step:
         raise ConfigError(
             "stage.global_batch_size",
@@ -120,6 +128,10 @@ def validate(cfg: DictConfig | TrainJobConfig | dict[str, Any]) -> TrainJobConfi
         raise ConfigError("model.dtype", f"{c.model.dtype!r} disagrees with the training precision "
                           f"{training_precision(c)!r} (deepspeed.precision={c.deepspeed.precision!r}, "
                           f"cluster.use_gpu={str(c.cluster.use_gpu).lower()}): leave model.dtype=auto for training")
+    if c.model.preset != "tiny" and not (c.model.pretrained_path or c.model.random_init or c.stage.init_from):
+        raise ConfigError("model.pretrained_path", f"model.preset={c.model.preset!r} loads its weights and Qwen2 "
+                          "tokenizer from an HF-format directory (local or s3://); or model.random_init=true "
+                          "for checks at these dimensions")
     if c.model.random_init and c.model.pretrained_path:
         raise ConfigError("model.random_init", "random weights and model.pretrained_path exclude each other: "
                           "drop one of them")
@@ -137,7 +149,8 @@ def validate(cfg: DictConfig | TrainJobConfig | dict[str, Any]) -> TrainJobConfi
     except ValueError as e:
         key = getattr(e, "key", None) or str(e).split(":", 1)[0]
         raise ConfigError(key, str(e).split(": ", 1)[-1]) from e
-    _check_paths(c)
+    if check_paths:
+        _check_paths(c)
     return c
 
 

@@ -130,6 +130,8 @@ def test_tracking_presets(tmp_path, monkeypatch):
     (["data.max_skip_fraction=0.5", "data.fail_skip_fraction=0.1"], "data.max_skip_fraction",
      "max_skip_fraction <= fail_skip_fraction"),
     (["cluster.max_failures=-2"], "cluster.max_failures", "-1 (unlimited) or >= 0"),
+    (["data.micro_batch_size=0"], "data.micro_batch_size", "must be >= 1"),
+    (["model=aov_0.5b"], "model.pretrained_path", "loads its weights and Qwen2 tokenizer"),
 ])
 def test_gpu_era_settings_that_cannot_work_name_the_key(tmp_path, overrides, key, words):
     with pytest.raises(ConfigError) as e:
@@ -156,3 +158,10 @@ def test_the_registered_model_is_named_after_preset_and_stage(preset, stage, con
     from aov_dist.tracking.config import TrackingConfig, registered_model_name
 
     assert registered_model_name(TrackingConfig(registered_model_name=configured), preset, stage) == name
+
+
+def test_a_manifest_the_data_group_marks_mandatory_is_named_when_missing():
+    from train_harness import compose_cfg
+
+    with pytest.raises(ConfigError, match=r"^data.datasets\[0\].manifest: must be set"):
+        validate(compose_cfg(["data=anomaly_instruct"]))

@@ -1,6 +1,7 @@
 """Two Ray nodes on one machine (two `ray start` processes), jobs submitted as `make launch` does.
 
-* test_probe_spans_both_nodes: a Ray Train job (gloo all-reduce) through launch/submit.py; its
+* test_probe_spans_both_nodes: a Ray Train job (gloo all-reduce, one tiny training step on each
+  worker with a checkpoint both write) through launch/submit.py; its
   two workers must report the two distinct node ids of the cluster.
 * test_two_node_training: `aov-train` with cluster=local cluster.nodes=2 workers_per_node=1 on a
   shared tmp folder; checks both nodes ran a worker, the job succeeded, checkpoints are complete
@@ -116,6 +117,10 @@ def test_probe_spans_both_nodes(ray_cluster):
     assert [w["rank"] for w in workers] == [0, 1]
     assert {w["node_id"] for w in workers} == _alive_nodes(ray_cluster) == set(report["cluster_nodes"])
     assert [w["allreduce"] for w in workers] == [3.0, 3.0]
+    # one training step of the tiny model on both nodes, a checkpoint both wrote, then cleaned up
+    assert all(w["train_loss"] > 0 and w["optimizer"] == "torch.AdamW" for w in workers), workers
+    assert report["checkpoint_committed"] is True
+    assert not [p for p in storage.rglob("*") if p.is_file()]
     # The log-based check the training test relies on agrees with the reported node ids.
     assert sorted(_worker_node_dirs(ray_cluster, logs)) == sorted(ray_cluster.node_dirs)
 

@@ -8,14 +8,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from omegaconf import MISSING
+
 ON_ERROR_CHOICES = ("skip", "fail")
 
 
 @dataclass
 class DatasetSpec:
     name: str = "synthetic"
-    # manifest.json of a shard folder, local path or s3://
-    manifest: str = "data_shards/synthetic/manifest.json"
+    # manifest.json of a shard folder, local path or s3://; no default: a data group or the command
+    # line gives it (``???`` in a group file stays missing and is reported naming this key)
+    manifest: str = MISSING
     # relative sampling weight in the mixture
     weight: float = 1.0
 

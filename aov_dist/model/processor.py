@@ -46,6 +46,14 @@ class EncodedImages(NamedTuple):
     image_sizes: torch.Tensor  # [I, 2] long, original (height, width)
 
 
+# What the token layout of one image depends on: (crop grid (rows, cols), height, width).
+ImageLayout = tuple[tuple[int, int], int, int]
+
+
+def _image_layouts(enc: EncodedImages) -> list[ImageLayout]:
+    return [((int(r), int(c)), int(h), int(w)) for (r, c), (h, w) in zip(enc.image_grids.tolist(), enc.image_sizes.tolist())]
+
+
 class AnomalyOVProcessor:
     def __init__(
         self,
@@ -92,12 +100,18 @@ class AnomalyOVProcessor:
         # and makes a single view, as transformers does for multi-image prompts.
         out = self.image_processor.preprocess([list(images)] if multi else list(images), do_pad=False, return_tensors=None)
         sizes = [tuple(int(x) for x in hw) for hw in out["image_sizes"]]
-        grids = [SINGLE_VIEW if multi else crop_grid(self.layout, h, w) for h, w in sizes]
+        grids = self.image_grids(sizes)
         for i, (views, grid) in enumerate(zip(out["pixel_values"], grids)):
             if len(views) != num_views(grid):  # the image processor and our layout must agree
                 raise RuntimeError(f"image {i} ({sizes[i]}): image processor made {len(views)} views, layout expects grid {grid}")
         pixels = torch.cat([torch.as_tensor(v) for v in out["pixel_values"]], dim=0).float()
         return EncodedImages(pixels, torch.tensor(grids, dtype=torch.long), torch.tensor(sizes, dtype=torch.long))
+
+    def image_grids(self, image_sizes: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Crop grid per image of one sample, from (height, width): AnyRes for a single image, one
+        view each (SINGLE_VIEW) for the images of a multi-view sample."""
+        multi = len(image_sizes) > 1
+        return [SINGLE_VIEW if multi else crop_grid(self.layout, int(h), int(w)) for h, w in image_sizes]
 
     def encode_expert_sample(self, images: Sequence[Image.Image], label: int) -> dict[str, torch.Tensor]:
         """Stage 1: images and their label only (no text)."""
@@ -122,7 +136,7 @@ class AnomalyOVProcessor:
     ) -> dict[str, torch.Tensor]:
         """A training sample: Qwen chat format, labels on assistant turns (content + <|im_end|>)."""
         enc = self.encode_images(images)
-        ids, labels, types, image_end = self._layout_turns(enc, conversations, sample_id, generation_prompt=False)
+        ids, labels, types, image_end = self._layout_turns(_image_layouts(enc), conversations, sample_id, generation_prompt=False)
         if image_end > max_length:
             raise ImageTokensExceedMaxLength(sample_id, image_end, max_length)
         out = {
@@ -138,10 +152,20 @@ class AnomalyOVProcessor:
     def encode_prompt(self, images: Sequence[Image.Image], messages: Sequence[dict[str, str]]) -> dict[str, torch.Tensor]:
         """A generation prompt: the messages then "<|im_start|>assistant\\n" (no labels)."""
         enc = self.encode_images(images)
-        ids, _, types, _ = self._layout_turns(enc, messages, None, generation_prompt=True)
+        ids, _, types, _ = self._layout_turns(_image_layouts(enc), messages, None, generation_prompt=True)
         return {"input_ids": torch.tensor(ids), "token_type": torch.tensor(types, dtype=torch.int8), **enc._asdict()}
 
-    def _layout_turns(self, enc: EncodedImages, turns, sample_id, generation_prompt: bool):
+    def count_tokens(self, image_sizes: Sequence[tuple[int, int]], conversations: Sequence[dict[str, str]]) -> int:
+        """Length of ``encode_conversation(images, conversations, max_length=inf)["input_ids"]`` from
+        the images' (height, width) alone: no pixel is decoded or resized (a planner reads only the
+        image headers). The same layout code as encode_conversation, so the counts cannot drift."""
+        layouts = [(grid, int(h), int(w)) for grid, (h, w) in zip(self.image_grids(image_sizes), image_sizes)]
+        ids, _, _, _ = self._layout_turns(layouts, conversations, None, generation_prompt=False)
+        return len(ids)
+
+    def _layout_turns(self, images: Sequence[ImageLayout], turns, sample_id, generation_prompt: bool):
+        """Token ids, labels and token types of a conversation; ``images`` holds per image its
+        (crop grid, height, width), which is all the layout depends on."""
         ids: list[int] = []
         labels: list[int] = []
         types: list[int] = []
@@ -155,8 +179,8 @@ class AnomalyOVProcessor:
         if not turns or turns[0][0] != "system":
             turns.insert(0, ("system", self.system_prompt))
         n_images = sum(text.count(IMAGE_PLACEHOLDER) for role, text in turns if role == "user")
-        if n_images != len(enc.image_grids):
-            raise ValueError(f"sample {sample_id!r}: {n_images} {IMAGE_PLACEHOLDER} placeholders for {len(enc.image_grids)} images")
+        if n_images != len(images):
+            raise ValueError(f"sample {sample_id!r}: {n_images} {IMAGE_PLACEHOLDER} placeholders for {len(images)} images")
         image, image_end = 0, 0
         for role, text in turns:
             put(self._encode_text(f"<|im_start|>{role}\n"))
@@ -167,7 +191,7 @@ class AnomalyOVProcessor:
             pieces = text.split(IMAGE_PLACEHOLDER) if role == "user" else [text]
             for k, piece in enumerate(pieces):
                 if k > 0:
-                    self._put_image(put, enc, image)
+                    self._put_image(put, *images[image])
                     image, image_end = image + 1, len(ids)
                 if piece:
                     put(self._encode_text(piece))
@@ -176,9 +200,7 @@ class AnomalyOVProcessor:
             put(self._encode_text("<|im_start|>assistant\n"))
         return ids, labels, types, image_end
 
-    def _put_image(self, put, enc: EncodedImages, i: int) -> None:
-        grid = tuple(int(x) for x in enc.image_grids[i])
-        height, width = (int(x) for x in enc.image_sizes[i])
+    def _put_image(self, put, grid: tuple[int, int], height: int, width: int) -> None:
         pad = self.pad_id
         put([pad] * num_visual_tokens(self.layout, grid, height, width), kind=1)
         put(self._prefix)

@@ -6,7 +6,7 @@ import os
 import sys
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from aov_dist.cluster.config import ClusterConfigError
 from aov_dist.config import CONF_DIR, register_configs
@@ -14,6 +14,18 @@ from aov_dist.config import CONF_DIR, register_configs
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def _app(cfg: DictConfig) -> None:
+    if "plan" in cfg:  # +plan=true (or +plan.json=...): the pre-launch plan instead of training
+        with open_dict(cfg):
+            plan = cfg.pop("plan")
+        from aov_dist.train.plan_cli import PlanOptions, main as plan_main
+
+        try:
+            options = PlanOptions.from_node(plan)
+        except ClusterConfigError as e:
+            print(f"config error: {e}", file=sys.stderr)
+            raise SystemExit(2)
+        if options is not None:
+            raise SystemExit(plan_main(cfg, options))
     from aov_dist.train.driver import main
 
     try:
