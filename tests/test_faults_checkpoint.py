@@ -63,6 +63,7 @@ class FakeLoader:
 def job_cfg(storage: str, keep: int = 1) -> TrainJobConfig:
     c = TrainJobConfig()
     c.stage.lr = {"expert": 1e-4}
+    c.data.datasets[0].manifest = "shards/manifest.json"  # a data group always names one
     c.train.storage_path, c.train.run_name, c.train.keep_checkpoints = storage, "run", keep
     return c
 

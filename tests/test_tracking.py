@@ -214,3 +214,28 @@ def test_background_tracker_close_reports_an_outage(caplog, monkeypatch):
     assert client.calls == []
     with pytest.raises(RuntimeError, match="after close"):
         t.log_metrics({"loss": 1.0}, step=9)
+
+
+def test_each_nodes_system_metrics_carry_the_node_and_a_cpu_node_logs_no_gpu_and_no_warning(tmp_path, caplog):
+    from mlflow.tracking import MlflowClient
+
+    from aov_dist.tracking.system_metrics import start_node_monitor, stop_node_monitor
+
+    cfg = TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", artifact_location=str(tmp_path / "art"),
+                         experiment="sys", system_metrics=True)
+    run_id = create_run(cfg, "job", {}, "")
+    with caplog.at_level(logging.WARNING):
+        monitors = [start_node_monitor(cfg, run_id, node_rank=r, nodes=2) for r in (0, 1)]
+        for m in monitors:
+            m.publish_metrics(m.collect_metrics() and m.aggregate_metrics())  # one sample now, not in 10 s
+        for m in monitors:
+            stop_node_monitor(m)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    keys = set(MlflowClient(cfg.uri).get_run(run_id).data.metrics)
+    for node in ("node_0", "node_1"):
+        assert f"system/{node}/cpu_utilization_percentage" in keys
+    assert not [k for k in keys if "gpu" in k]  # no GPU here: MLflow skips that monitor quietly
+    one_node = start_node_monitor(cfg, run_id, node_rank=0, nodes=1)
+    assert one_node.node_id is None  # a one-node job keeps MLflow's plain names
+    stop_node_monitor(one_node)
+    assert start_node_monitor(TrackingConfig(system_metrics=False), run_id, 0, 1) is None

@@ -190,7 +190,7 @@ class AnomalyOVForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
         size = self.config.vision_config.image_size
         pixels = torch.zeros(1, 3, size, size, device=device)  # _vision casts to the tower's dtype
         grids = torch.zeros(1, 2, dtype=torch.long)
-        sizes = torch.tensor([[size, size]], device=device)
+        sizes = torch.tensor([[size, size]])  # host-side, like a batch's image_sizes (HOST_INPUTS)
         features, expert_out, idx = self._vision(pixels, grids)
         visual, anomaly = self._image_sequences(features, expert_out, idx, sizes)
         return (visual[0].sum() + anomaly[0].sum() + expert_out.logits.sum()) * 0.0

@@ -45,7 +45,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 # Overrides allowed when loading a directory: settings a stock LLaVA-OV config.json cannot hold.
-_LOAD_OVERRIDES = {"expert_embed_dim", "expert_level_layers", "expert_last_layer"}
+LOAD_OVERRIDES = {"expert_embed_dim", "expert_level_layers", "expert_last_layer"}
 
 
 def preset_dims(preset: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -125,10 +125,10 @@ def build_model(cfg: ModelConfig) -> tuple[AnomalyOVForConditionalGeneration, An
         local = localize(cfg.pretrained_path)
         processor = AnomalyOVProcessor.from_pretrained(local)
         # A stock llava_onevision config.json loads into AnomalyOVConfig (expert fields get defaults).
-        unknown = sorted(set(cfg.overrides) - _LOAD_OVERRIDES)
+        unknown = sorted(set(cfg.overrides) - LOAD_OVERRIDES)
         if unknown:
             raise ValueError(f"model.overrides {unknown}: with pretrained_path the architecture comes from the directory; "
-                             f"only {sorted(_LOAD_OVERRIDES)} may be overridden")
+                             f"only {sorted(LOAD_OVERRIDES)} may be overridden")
         config = AnomalyOVConfig.from_pretrained(local, adverb_token_ids=processor.adverb_token_ids, **anomaly, **cfg.overrides)
         model = AnomalyOVForConditionalGeneration.from_pretrained(local, config=config, dtype=dtype, attn_implementation=attn)
         _realign(model)

@@ -47,15 +47,15 @@ def _model_config(c: TrainJobConfig, missing: dict[str, str]):
     else the preset's dimensions."""
     from aov_dist.data import fs
     from aov_dist.model.hf_config import AnomalyOVConfig
-    from aov_dist.model.presets import _LOAD_OVERRIDES, build_config, preset_dims, tiny_processor
+    from aov_dist.model.presets import LOAD_OVERRIDES, build_config, preset_dims, tiny_processor
 
     path = c.model.pretrained_path if "model.pretrained_path" not in missing else None
     note = ""
     if path:
-        extra = sorted(set(c.model.overrides) - _LOAD_OVERRIDES)
+        extra = sorted(set(c.model.overrides) - LOAD_OVERRIDES)
         if extra:
             raise ConfigError("model.overrides", f"{extra}: with model.pretrained_path the architecture comes from "
-                              f"the directory; only {sorted(_LOAD_OVERRIDES)} may be overridden")
+                              f"the directory; only {sorted(LOAD_OVERRIDES)} may be overridden")
         url = fs.join_url(path, "config.json")
         try:
             d = json.loads(fs.read_bytes(url, c.data.s3_endpoint_url))
