@@ -93,10 +93,9 @@ def _absolutize(c: TrainJobConfig) -> None:
 
 def main(cfg: DictConfig | TrainJobConfig | dict[str, Any], show_progress: bool = True) -> TrainResult:
     """Run one training job. Callable from Python (tests) and from the Hydra app."""
+    from aov_dist.cluster.config import deepspeed_accelerator
     from aov_dist.tracking.mlflow_tracker import create_run, finish_run
     from aov_dist.tracking.redact import redact
-
-    from aov_dist.cluster.config import deepspeed_accelerator
 
     c = validate(cfg)
     deepspeed_accelerator(c.cluster)  # this environment's DS_ACCELERATOR, before anything starts

@@ -33,9 +33,8 @@ def balanced_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def model_config_for(cfg: TrainJobConfig) -> ModelConfig:
     """Stage 2 starts from a stage-1 result: an HF folder / committed step folder (whole model) or
     an expert .pth (released pretrained_expert_*.pth) on top of the model section's weights."""
-    from aov_dist.data import fs
-
     from aov_dist.config import training_precision
+    from aov_dist.data import fs
 
     # built in the precision DeepSpeed trains in (zero.Init partitions it so, at once)
     model = dataclasses.replace(cfg.model, dtype=training_precision(cfg))
