@@ -149,22 +149,37 @@ def validate(cfg: DictConfig | TrainJobConfig | dict[str, Any], *, check_paths: 
     except ValueError as e:
         key = getattr(e, "key", None) or str(e).split(":", 1)[0]
         raise ConfigError(key, str(e).split(": ", 1)[-1]) from e
+    _check_url_schemes(c)
     if check_paths:
         _check_paths(c)
     return c
 
 
+def _check_url_schemes(c: TrainJobConfig) -> None:
+    """Every storage URL of the job is one aov_dist.storage can open (local, file://, s3://)."""
+    from aov_dist import storage
+
+    urls = [("train.resume_from", c.train.resume_from), ("model.pretrained_path", c.model.pretrained_path),
+            ("model.expert_path", c.model.expert_path), ("stage.init_from", c.stage.init_from),
+            *((f"data.datasets[{i}].manifest", d.manifest) for i, d in enumerate(c.data.datasets))]
+    for key, url in urls:
+        try:
+            storage.check_url(url, key)
+        except storage.UnsupportedURL as e:
+            raise ConfigError(key, str(e).split(": ", 1)[1]) from e
+
+
 def _check_paths(c: TrainJobConfig) -> None:
     """Inputs that must exist before any resource is taken (remote ones are checked through fsspec)."""
-    from aov_dist.data import fs
+    from aov_dist import storage
     from aov_dist.train.checkpoint import is_committed
 
     for i, d in enumerate(c.data.datasets):
-        if not fs.exists(d.manifest):
+        if not storage.exists(d.manifest):
             raise ConfigError(f"data.datasets[{i}].manifest", f"{d.manifest!r} does not exist (make shards writes the synthetic one)")
     for key, path in (("model.pretrained_path", c.model.pretrained_path), ("model.expert_path", c.model.expert_path),
                       ("stage.init_from", c.stage.init_from)):
-        if path and not fs.exists(path):
+        if path and not storage.exists(path):
             raise ConfigError(key, f"{path!r} does not exist")
     if c.train.resume_from and not is_committed(c.train.resume_from):
         raise ConfigError("train.resume_from", f"{c.train.resume_from!r} is not a committed checkpoint (no COMMITTED marker)")

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
-from aov_dist.data import fs  # noqa: E402
+from aov_dist import storage  # noqa: E402
 from aov_dist.data.config import DataConfig, DatasetSpec  # noqa: E402
 from aov_dist.data.stream import build_loader, list_collate  # noqa: E402
 
@@ -50,7 +50,7 @@ class LlavaStyleDataset(Dataset):
     """Map-style dataset in the manner of LLaVA's LazySupervisedDataset: JSON list + loose files."""
 
     def __init__(self, json_url: str, image_root: str, transform: Callable[[dict], Any]):
-        self.records = json.loads(fs.read_bytes(json_url))
+        self.records = json.loads(storage.read_bytes(json_url))
         self.image_root, self.transform = image_root, transform
 
     def __len__(self) -> int:
@@ -62,7 +62,7 @@ class LlavaStyleDataset(Dataset):
         images = []
         for p in files:
             # local: a plain open() as in LLaVA; s3://: one object read per image through fsspec
-            with fs.open_url(fs.join_url(self.image_root, p)) as f:
+            with storage.open_url(storage.join_url(self.image_root, p)) as f:
                 images.append(Image.open(f).convert("RGB"))
         label = rec.get("label")
         raw = {"id": rec["id"], "images": images, "conversations": rec["conversations"],
@@ -150,7 +150,7 @@ def start_s3(root: Path) -> tuple[subprocess.Popen, str]:
 def upload_tree(local: Path, prefix: str) -> None:
     for p in sorted(local.rglob("*")):
         if p.is_file():
-            fs.write_bytes(f"{prefix}/{p.relative_to(local).as_posix()}", p.read_bytes())
+            storage.write_bytes(f"{prefix}/{p.relative_to(local).as_posix()}", p.read_bytes())
 
 
 def main(argv: Optional[list[str]] = None) -> dict:

@@ -188,10 +188,10 @@ class MotoS3:
 
 def dir_bytes(path: str) -> int:
     """Total size of the files under a local folder or an s3:// prefix."""
-    from aov_dist.data import fs
+    from aov_dist import storage
 
-    if fs.is_remote(path):
-        fs_, p = fs.get_fs(path)
+    if storage.is_remote(path):
+        fs_, p = storage.get_fs(path)
         return int(sum(info["size"] for info in fs_.find(p, detail=True).values()))
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 

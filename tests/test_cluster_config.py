@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 
 from aov_dist.cluster.compose import compose_cluster, presets
-from aov_dist.cluster.config import ClusterConfig, ClusterConfigError, is_remote_path, validate_cluster
+from aov_dist import storage
+from aov_dist.cluster.config import ClusterConfig, ClusterConfigError, validate_cluster
 
 
 def test_presets_exist():
@@ -45,10 +46,16 @@ def test_accepts_dictconfig_and_dict():
     assert validate_cluster({"nodes": 1}, "ray_results").nodes == 1
 
 
-@pytest.mark.parametrize("path,remote", [("s3://b/x", True), ("gs://b", True), ("/mnt/nfs/x", False),
+@pytest.mark.parametrize("path,remote", [("s3://b/x", True), ("S3://b/x", True), ("/mnt/nfs/x", False),
                                          ("ray_results", False), ("file:///x", False)])
-def test_is_remote_path(path, remote):
-    assert is_remote_path(path) is remote
+def test_storage_decides_what_is_remote(path, remote):
+    assert storage.is_remote(path) is remote
+
+
+@pytest.mark.parametrize("url", ["gs://b/runs", "az://c/runs", "hdfs://nn/runs"])
+def test_a_scheme_storage_cannot_write_is_refused_naming_the_key(url):
+    with pytest.raises(ClusterConfigError, match=rf"^train.storage_path: '{url}': the scheme '\w+' is not supported"):
+        validate_cluster(ClusterConfig(nodes=2), url, storage_key="train.storage_path")
 
 
 def test_single_node_allows_local_storage():

@@ -131,6 +131,8 @@ def test_tracking_presets(tmp_path, monkeypatch):
      "max_skip_fraction <= fail_skip_fraction"),
     (["cluster.max_failures=-2"], "cluster.max_failures", "-1 (unlimited) or >= 0"),
     (["data.micro_batch_size=0"], "data.micro_batch_size", "must be >= 1"),
+    (["train.storage_path=gs://bucket/runs"], "train.storage_path", "the scheme 'gs' is not supported"),
+    (["stage=stage2", "stage.init_from=az://c/run/step_2"], "stage.init_from", "the scheme 'az' is not supported"),
     (["model=aov_0.5b"], "model.pretrained_path", "loads its weights and Qwen2 tokenizer"),
 ])
 def test_gpu_era_settings_that_cannot_work_name_the_key(tmp_path, overrides, key, words):

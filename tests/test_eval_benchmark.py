@@ -95,9 +95,9 @@ def test_image_paths_cannot_escape_the_benchmark(tmp_path):
 
 
 def test_reads_from_s3_like_local(synth_bench, s3_bucket):
-    from aov_dist.data import fs
+    from aov_dist import storage
 
-    s3_fs, _ = fs.get_fs(s3_bucket)
+    s3_fs, _ = storage.get_fs(s3_bucket)
     s3_fs.put(synth_bench + "/", s3_bucket[len("s3://"):] + "/bench/", recursive=True)
     remote = load_benchmark(s3_bucket + "/bench")
     local = load_benchmark(synth_bench)
@@ -107,14 +107,14 @@ def test_reads_from_s3_like_local(synth_bench, s3_bucket):
 
 
 def test_checkpoint_materialize_from_s3(tmp_path, s3_bucket):
-    from aov_dist.data import fs
+    from aov_dist import storage
     from aov_dist.eval.checkpoints import CheckpointError, materialize, resolve
 
     step = tmp_path / "run" / "step_7"
     (step / "hf").mkdir(parents=True)
     (step / "hf" / "config.json").write_text("{}")
     (step / "COMMITTED").write_text("")
-    s3_fs, _ = fs.get_fs(s3_bucket)
+    s3_fs, _ = storage.get_fs(s3_bucket)
     s3_fs.put(str(tmp_path / "run") + "/", s3_bucket[len("s3://"):] + "/run/", recursive=True)
     uri = s3_bucket + "/run/step_7"
     assert resolve(uri, "unused") == uri

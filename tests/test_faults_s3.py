@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from aov_dist.data import fs
+from aov_dist import storage
 from aov_dist.data import reader as reader_mod
 from aov_dist.data.config import DataConfig, DatasetSpec
 from aov_dist.data.stream import build_loader
@@ -143,7 +143,7 @@ class _BreaksOnce:
 def test_read_interrupted_mid_shard_retries_and_hands_out_the_same_samples(synthetic_shards, monkeypatch, caplog):
     manifest = str(synthetic_shards.manifest_path)
     expected = _ids(_loader(manifest))
-    real_open = fs.open_url
+    real_open = storage.open_url
     second = synthetic_shards.manifest["shards"][1]["url"]
     state = {"broken": False, "opens": 0}
 
@@ -154,7 +154,7 @@ def test_read_interrupted_mid_shard_retries_and_hands_out_the_same_samples(synth
             return _BreaksOnce(f, after=20000, state=state)  # a few samples into the shard
         return f
 
-    monkeypatch.setattr(fs, "open_url", flaky_open)
+    monkeypatch.setattr(storage, "open_url", flaky_open)
     monkeypatch.setattr(reader_mod, "READ_BACKOFF_S", 0.01)
     loader = _loader(manifest)
     assert _ids(loader) == expected and loader.skipped == {}
@@ -164,7 +164,7 @@ def test_read_interrupted_mid_shard_retries_and_hands_out_the_same_samples(synth
 
 def test_lasting_outage_fails_naming_the_shard_instead_of_skipping(synthetic_shards, monkeypatch):
     manifest = str(synthetic_shards.manifest_path)
-    real_open = fs.open_url
+    real_open = storage.open_url
     calls = []
 
     def dead_open(url, mode="rb", endpoint_url=None):
@@ -173,7 +173,7 @@ def test_lasting_outage_fails_naming_the_shard_instead_of_skipping(synthetic_sha
             raise ConnectionRefusedError(111, "Connection refused")
         return real_open(url, mode, endpoint_url)
 
-    monkeypatch.setattr(fs, "open_url", dead_open)
+    monkeypatch.setattr(storage, "open_url", dead_open)
     monkeypatch.setattr(reader_mod, "READ_BACKOFF_S", 0.01)
     with pytest.raises(OSError, match=r"shard .*\.tar: storage unreachable after 5 attempts"):
         _ids(_loader(manifest))
@@ -194,8 +194,7 @@ def test_missing_shard_is_still_counted_as_corrupt_not_retried(tmp_path, synthet
 
 
 def test_s3_endpoint_down_for_seconds_while_streaming(synthetic_shards, s3_bucket, proxy, monkeypatch):
-    fs_, _ = fs.get_fs(s3_bucket)
-    fs_.put(str(synthetic_shards.dir) + "/", f"{s3_bucket[5:]}/shards/", recursive=True)
+    storage.copy_from_local(str(synthetic_shards.dir), f"{s3_bucket}/shards")
     manifest = f"{s3_bucket}/shards/manifest.json"
     expected = _ids(_loader(manifest))
     assert len(expected) == synthetic_shards.manifest["totals"]["samples"]
@@ -224,23 +223,21 @@ def test_upload_that_keeps_failing_fails_the_step_and_keeps_the_previous_checkpo
     cfg = job_cfg(f"{s3_bucket}/runs", keep=1)
     assert save(cfg, 2) == f"{s3_bucket}/runs/run/step_2"
     assert ckpt.is_committed(f"{s3_bucket}/runs/run/step_2")
-    monkeypatch.setattr(loop, "UPLOAD_BACKOFF_S", 0.1)
-    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's own retries: keep the test short
+    monkeypatch.setattr(storage, "WRITE_ATTEMPTS", 2)  # botocore's retries of each request: keep it short
     proxy.down()
     with pytest.raises(RuntimeError, match=r"checkpoint s3://.*/runs/run/step_4: rank 0 could not upload its "
-                                           r"part after 3 attempts .* the step is not committed"):
+                                           r"part .*each request was tried 2 times\); the step is not committed"):
         save(cfg, 4)
     proxy.up()
-    assert not fs.exists(f"{s3_bucket}/runs/run/step_4/{ckpt.COMMIT_MARKER}")
+    assert not storage.exists(f"{s3_bucket}/runs/run/step_4/{ckpt.COMMIT_MARKER}")
     assert ckpt.latest_committed(f"{s3_bucket}/runs", "run") == f"{s3_bucket}/runs/run/step_2"
-    assert fs.exists(f"{s3_bucket}/runs/run/step_2/trainer_state.json")  # not pruned
+    assert storage.exists(f"{s3_bucket}/runs/run/step_2/trainer_state.json")  # not pruned
 
 
 def test_upload_survives_a_short_outage(s3_bucket, proxy, monkeypatch):
     from test_faults_checkpoint import job_cfg, save
 
     cfg = job_cfg(f"{s3_bucket}/runs", keep=1)
-    monkeypatch.setattr(loop, "UPLOAD_BACKOFF_S", 3.0)
     real_put = loop._upload
     calls = []
 
@@ -253,4 +250,4 @@ def test_upload_survives_a_short_outage(s3_bucket, proxy, monkeypatch):
     monkeypatch.setattr(loop, "_upload", upload)
     assert save(cfg, 2) == f"{s3_bucket}/runs/run/step_2"
     assert ckpt.is_committed(f"{s3_bucket}/runs/run/step_2") and len(calls) == 1
-    assert fs.exists(f"{s3_bucket}/runs/run/step_2/hf/model.safetensors")
+    assert storage.exists(f"{s3_bucket}/runs/run/step_2/hf/model.safetensors")

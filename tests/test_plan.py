@@ -378,10 +378,10 @@ def test_sample_is_spread_over_evenly_spaced_shards():
 
 
 def test_planner_samples_an_s3_manifest(s3_bucket, synthetic_shards, tmp_path, capsys):
-    from aov_dist.data import fs
+    from aov_dist import storage
 
     for f in synthetic_shards.dir.iterdir():
-        fs.write_bytes(f"{s3_bucket}/shards/{f.name}", f.read_bytes())
+        storage.write_bytes(f"{s3_bucket}/shards/{f.name}", f.read_bytes())
     code, plan, out = _plan(["experiment=aov_0.5b_stage2", _manifest_override(f"{s3_bucket}/shards/manifest.json")],
                             tmp_path, capsys)
     assert code == 0 and plan["data"]["status"] == "sampled"

@@ -77,14 +77,14 @@ def test_checkpoint_config_yaml_is_redacted(tmp_path):
 
 
 def test_s3_credentials_never_reach_the_manifest(synthetic_data, s3_bucket, monkeypatch, caplog):
-    from aov_dist.data import fs
+    from aov_dist import storage
     from aov_dist.data.shards import write_shards
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", PLANTED)  # moto accepts any secret
     caplog.set_level(logging.DEBUG, logger="aov_dist")
     write_shards([str(synthetic_data.train_json)], f"{s3_bucket}/shards", image_root=str(synthetic_data.image_root),
                  shard_size_mb=0.5)
-    manifest = fs.read_bytes(f"{s3_bucket}/shards/manifest.json")
+    manifest = storage.read_bytes(f"{s3_bucket}/shards/manifest.json")
     assert b'"shards"' in manifest and PLANTED.encode() not in manifest
     assert PLANTED not in caplog.text
 

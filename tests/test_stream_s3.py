@@ -6,14 +6,14 @@ from pathlib import Path
 
 from PIL import Image
 
-from aov_dist.data import fs
+from aov_dist import storage
 from aov_dist.data.config import DataConfig, DatasetSpec
 from test_stream import _collect, build_loader, cfg_for, ids_of, write_shards
 
 
 def _upload(folder: Path, prefix: str) -> str:
     for p in sorted(folder.iterdir()):
-        fs.write_bytes(f"{prefix}/{p.name}", p.read_bytes())
+        storage.write_bytes(f"{prefix}/{p.name}", p.read_bytes())
     return f"{prefix}/manifest.json"
 
 

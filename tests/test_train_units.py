@@ -98,16 +98,16 @@ def test_prune_without_any_commit_deletes_nothing(tmp_path):
 
 
 def test_discovery_and_prune_on_s3(s3_bucket):
-    from aov_dist.data import fs
+    from aov_dist import storage
 
-    storage = f"{s3_bucket}/ckpts"
+    root = f"{s3_bucket}/ckpts"
     for s in (1, 2, 3):
-        fs.write_bytes(f"{storage}/run/step_{s}/ds/x.pt", b"x")
+        storage.write_bytes(f"{root}/run/step_{s}/ds/x.pt", b"x")
     for s in (1, 2):
-        ckpt.write_marker(f"{storage}/run/step_{s}", s, world_size=1)
-    assert ckpt.latest_committed(storage, "run") == f"{storage}/run/step_2"  # the scheme is kept
-    assert ckpt.prune(storage, "run", keep=1) == [f"{storage}/run/step_1"]
-    assert [(s, ok) for s, _, ok in ckpt.list_steps(storage, "run")] == [(2, True), (3, False)]
+        ckpt.write_marker(f"{root}/run/step_{s}", s, world_size=1)
+    assert ckpt.latest_committed(root, "run") == f"{root}/run/step_2"  # the scheme is kept
+    assert ckpt.prune(root, "run", keep=1) == [f"{root}/run/step_1"]
+    assert [(s, ok) for s, _, ok in ckpt.list_steps(root, "run")] == [(2, True), (3, False)]
 
 
 def test_rng_state_round_trip_is_json():

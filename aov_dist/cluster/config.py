@@ -10,10 +10,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Union
 
+from aov_dist import storage
+
 VALID_BACKENDS = ("gloo", "nccl")
 VALID_PLACEMENT = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
-# Filesystems every node can reach; anything else (no scheme, file://) is a node-local path.
-REMOTE_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "az", "hdfs", "viewfs")
 # Default config key of the checkpoint storage (owned by the trainer's section); only used to
 # name the key in error messages.
 DEFAULT_STORAGE_KEY = "train.storage_path"
@@ -164,12 +164,6 @@ def to_cluster_config(cfg: Union[ClusterConfig, Any]) -> ClusterConfig:
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
 
 
-def is_remote_path(path: str) -> bool:
-    """True for URIs every node can reach (s3://, gs://, ...); False for node-local paths."""
-    scheme = path.split("://", 1)[0].lower() if "://" in path else ""
-    return scheme in REMOTE_SCHEMES
-
-
 def validate_cluster(cluster_cfg: Union[ClusterConfig, Any], storage_path: Optional[str],
                      num_nodes: Optional[int] = None, storage_key: str = DEFAULT_STORAGE_KEY) -> ClusterConfig:
     """Check the cluster section and that checkpoints can be shared by ``num_nodes`` nodes.
@@ -182,6 +176,10 @@ def validate_cluster(cluster_cfg: Union[ClusterConfig, Any], storage_path: Optio
     """
     cfg = to_cluster_config(cluster_cfg)
     cfg.validate()
+    try:
+        storage.check_url(storage_path, storage_key)  # what aov_dist.storage cannot write, it refuses
+    except storage.UnsupportedURL as e:
+        raise ClusterConfigError(storage_key, str(e).split(": ", 1)[1]) from e
     nodes = cfg.nodes if num_nodes is None else num_nodes
     if nodes < 1:
         raise ClusterConfigError("cluster.nodes", f"must be >= 1, got {nodes}")
@@ -190,7 +188,7 @@ def validate_cluster(cluster_cfg: Union[ClusterConfig, Any], storage_path: Optio
     if not storage_path:
         raise ClusterConfigError(storage_key, f"is empty but cluster.nodes={nodes}: a multi-node run needs "
                                  "checkpoint storage every node can reach (s3://bucket/prefix)")
-    if is_remote_path(storage_path):
+    if storage.is_remote(storage_path):
         return cfg
     if not cfg.shared_filesystem:
         raise ClusterConfigError(
@@ -199,8 +197,7 @@ def validate_cluster(cluster_cfg: Union[ClusterConfig, Any], storage_path: Optio
             f"checkpoint shards to its own disk and no node would hold a complete checkpoint. Use object "
             f"storage ({storage_key}=s3://bucket/prefix) or, if this path is one filesystem mounted on every "
             f"node (NFS), say so with cluster.shared_filesystem=true")
-    local = storage_path[len("file://"):] if storage_path.startswith("file://") else storage_path
-    if not local.startswith("/"):
+    if not storage.local_path(storage_path).startswith("/"):
         raise ClusterConfigError(
             storage_key, f"{storage_path!r} is relative: with cluster.shared_filesystem=true it must be an "
             f"absolute path of the shared mount (every node's job runs in a different working directory)")

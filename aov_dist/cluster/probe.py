@@ -114,14 +114,13 @@ def run_probe(cfg: ClusterConfig, storage_path: str) -> dict[str, Any]:
 def _committed_and_removed(storage_path: str, run_name: str, paths: list[Optional[str]]) -> bool:
     """Whether the probe's checkpoint was committed (every rank wrote its part); then delete the
     probe's folders: the probe leaves nothing behind in the storage."""
-    from aov_dist.data import fs
+    from aov_dist import storage
     from aov_dist.train import checkpoint as ckpt
 
     committed = bool(paths) and len(set(paths)) == 1 and paths[0] is not None and ckpt.is_committed(paths[0])
     for folder in (ckpt.run_dir(storage_path, run_name), f"{storage_path.rstrip('/')}/_ray/{run_name}"):
-        if fs.exists(folder):
-            fs_, p = fs.get_fs(folder)
-            fs_.rm(p, recursive=True)
+        if storage.exists(folder):
+            storage.remove_tree(folder)
     return committed
 
 

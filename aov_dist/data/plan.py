@@ -23,7 +23,7 @@ from typing import Callable, IO, Optional
 
 import numpy as np
 
-from aov_dist.data import fs
+from aov_dist import storage
 
 MANIFEST_FORMAT = "aov-shards"
 # mixture draws are generated in chunks so that draw j can be recomputed without the ones before it
@@ -62,7 +62,7 @@ def parse_manifest(text: str, manifest_url: str, name: str) -> DatasetIndex:
     shards_raw = m.get("shards")
     if not isinstance(shards_raw, list) or not shards_raw:
         raise ValueError(f"manifest {manifest_url} (dataset {name!r}): 'shards' is empty or missing")
-    base = fs.dirname_url(manifest_url)
+    base = storage.dirname_url(manifest_url)
     shards = []
     for i, s in enumerate(shards_raw):
         if not isinstance(s, dict) or not isinstance(s.get("url"), str) \
@@ -70,7 +70,7 @@ def parse_manifest(text: str, manifest_url: str, name: str) -> DatasetIndex:
             raise ValueError(f"manifest {manifest_url} (dataset {name!r}): shards[{i}] needs a "
                              f"string 'url' and a non-negative integer 'samples', got {s!r}")
         try:
-            url = fs.join_url(base, s["url"])
+            url = storage.join_url(base, s["url"])
         except ValueError as e:
             raise ValueError(f"manifest {manifest_url} (dataset {name!r}): shards[{i}].url: {e} "
                              "(shard URLs must be relative to the manifest's folder)") from None

@@ -30,7 +30,7 @@ from typing import Any, Optional
 
 from PIL import Image
 
-from aov_dist.data import fs
+from aov_dist import storage
 
 LABEL_KEYS = ("label", "anomaly", "is_anomaly", "anomalous", "is_anomalous")
 _NORMAL_WORDS = {"normal", "good", "ok", "negative", "no", "false", "0", "nominal"}
@@ -79,7 +79,7 @@ class CheckedRecord:
 def load_records(url: str, endpoint_url: Optional[str] = None) -> tuple[list[Any], bytes]:
     """Read a record file; return (records, raw bytes). Raises RecordFileError naming the file."""
     try:
-        raw = fs.read_bytes(url, endpoint_url)
+        raw = storage.read_bytes(url, endpoint_url)
     except (OSError, ValueError) as e:
         raise RecordFileError(f"{url}: cannot read record file: {e}") from e
     try:
@@ -202,7 +202,7 @@ def _image_problems(images: list[str], image_root: str, out: Optional[list[bytes
     problems = []
     for path in images:
         try:
-            url = fs.join_url(image_root, path)
+            url = storage.join_url(image_root, path)
         except ValueError:
             problems.append(f"image path {path!r} is absolute or leaves the image root")
             continue
@@ -210,7 +210,7 @@ def _image_problems(images: list[str], image_root: str, out: Optional[list[bytes
             problems.append(f"image {path!r} has no file extension")
             continue
         try:
-            data = fs.read_bytes(url, endpoint_url)
+            data = storage.read_bytes(url, endpoint_url)
         except FileNotFoundError:
             problems.append(f"missing image file {url}")
             continue
@@ -285,7 +285,7 @@ def check_file(url: str, image_root: Optional[str] = None, read_images: bool = T
     Raises RecordFileError for a file-level problem.
     """
     records, raw = load_records(url, endpoint_url)
-    root = image_root if image_root is not None else fs.dirname_url(url)
+    root = image_root if image_root is not None else storage.dirname_url(url)
     good: list[CheckedRecord] = []
     errors: list[RecordError] = []
     for i, rec in enumerate(records):

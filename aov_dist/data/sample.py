@@ -20,7 +20,7 @@ from typing import Optional
 
 from PIL import Image
 
-from aov_dist.data import fs
+from aov_dist import storage
 from aov_dist.data.decode import IMAGE_TOKEN, SampleError, iter_tar_samples
 from aov_dist.data.plan import DatasetIndex, load_manifest
 
@@ -71,7 +71,7 @@ def sample_records(datasets: list[tuple[str, str, float]], samples: int = 512, m
         ds = DatasetSample(name, manifest)
         out.datasets.append(ds)
         try:
-            index = load_manifest(manifest, name, lambda u: fs.open_url(u, "rb", endpoint_url))
+            index = load_manifest(manifest, name, lambda u: storage.open_url(u, "rb", endpoint_url))
         except Exception as e:  # missing file, no credentials, bad JSON: report, keep planning
             ds.error = f"{type(e).__name__}: {e}"
             continue
@@ -93,7 +93,7 @@ def _read_dataset(index: DatasetIndex, ds: DatasetSample, want: int, max_shards:
         stop = min(per_shard, want - taken, shard.samples)
         ds.shards_read += 1
         try:
-            with fs.open_url(shard.url, "rb", endpoint_url) as f:
+            with storage.open_url(shard.url, "rb", endpoint_url) as f:
                 for item in iter_tar_samples(f, shard.url, stop=stop):
                     taken += 1
                     if isinstance(item, SampleError):

@@ -18,7 +18,7 @@ from typing import IO, Iterator, Optional
 
 from PIL import Image
 
-from aov_dist.data import fs
+from aov_dist import storage
 from aov_dist.data.shards import FORMAT, MANIFEST, MEMBER_RE, VERSION, image_ext
 
 _SAMPLE_KEYS = {"id": str, "conversations": list, "images": list, "source": str}
@@ -77,21 +77,21 @@ class _HashingReader:
 
 def manifest_url(url: str) -> str:
     """Accept a shard folder or the manifest file itself."""
-    return url if url.endswith(".json") else fs.join_url(url, MANIFEST)
+    return url if url.endswith(".json") else storage.join_url(url, MANIFEST)
 
 
 def read_manifest(url: str, endpoint_url: Optional[str] = None) -> tuple[dict, str]:
     """(manifest, its folder URL); ShardFormatError when missing or not ours."""
     murl = manifest_url(url)
     try:
-        manifest = json.loads(fs.read_bytes(murl, endpoint_url).decode("utf-8"))
+        manifest = json.loads(storage.read_bytes(murl, endpoint_url).decode("utf-8"))
     except FileNotFoundError as e:
         raise ShardFormatError(f"{murl}: no manifest (an incomplete or missing shard set)") from e
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ShardFormatError(f"{murl}: malformed manifest JSON: {e}") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise ShardFormatError(f"{murl}: not an {FORMAT} version {VERSION} manifest")
-    return manifest, fs.dirname_url(murl)
+    return manifest, storage.dirname_url(murl)
 
 
 def _check_meta(meta: object, key: str, n_images: int, exts: list[str]) -> list[str]:
@@ -139,7 +139,7 @@ def _parse(raw: IO[bytes], shard: str) -> Iterator[ShardSample]:
 
 def iter_shard(url: str, endpoint_url: Optional[str] = None) -> Iterator[ShardSample]:
     """Read back the samples of one shard (for tests and tools; the training reader is stream.py)."""
-    with fs.open_url(url, "rb", endpoint_url) as f:
+    with storage.open_url(url, "rb", endpoint_url) as f:
         yield from _parse(f, url)
 
 
@@ -147,12 +147,12 @@ def _inspect_shard(entry: dict, base: str, first_key: int, decode: bool, endpoin
                    labels: Counter, derived: Counter) -> ShardReport:
     rel = str(entry.get("url"))
     try:
-        url = fs.join_url(base, rel)
+        url = storage.join_url(base, rel)
     except ValueError:
         return ShardReport(rel, problems=[f"{rel}: unsafe shard URL in the manifest"])
     rep = ShardReport(url)
     try:
-        f = fs.open_url(url, "rb", endpoint_url)
+        f = storage.open_url(url, "rb", endpoint_url)
     except FileNotFoundError:
         rep.problems.append(f"{url}: shard file is missing")
         return rep

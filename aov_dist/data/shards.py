@@ -27,7 +27,7 @@ from collections import Counter
 from typing import Callable, Optional, Sequence
 
 from aov_dist import __version__
-from aov_dist.data import fs
+from aov_dist import storage
 from aov_dist.data.records import CheckedRecord, RecordError, RecordFileError, check_file
 
 FORMAT, VERSION = "aov-shards", 1
@@ -108,8 +108,8 @@ class _ShardSink:
         self._samples = self._estimate = 0
 
     def _open(self) -> None:
-        url = fs.join_url(self.out, shard_name(self.prefix, len(self.entries)))
-        self._file = fs.open_url(url, "wb", self.endpoint)
+        url = storage.join_url(self.out, shard_name(self.prefix, len(self.entries)))
+        self._file = storage.open_url(url, "wb", self.endpoint)
         self._hw = HashingWriter(self._file)
         self._tar = tarfile.open(fileobj=self._hw, mode="w", format=tarfile.USTAR_FORMAT)
         self._samples, self._estimate = 0, 0
@@ -159,15 +159,15 @@ def format_errors(errors: Sequence[RecordError], limit: int = 50) -> str:
 
 def _prepare_out(out: str, prefix: str, overwrite: bool, endpoint_url: Optional[str]) -> None:
     """Refuse to mix with an existing shard set unless asked; then clear OUR old files only."""
-    names = fs.list_names(out, endpoint_url)
+    names = storage.list_names(out, endpoint_url)
     ours = [n for n in names if n == MANIFEST or re.fullmatch(re.escape(prefix) + r"-[0-9]{6}\.tar", n)]
     if ours and not overwrite:
         raise ShardError(f"{out} already holds a shard set ({len(ours)} files such as {ours[0]}); "
                          "pass --overwrite to replace it")
     # Manifest first: if we die half-way, the folder reads as incomplete rather than as the old set.
     for name in sorted(ours, key=lambda n: n != MANIFEST):
-        fs.remove(fs.join_url(out, name), endpoint_url)
-    fs.makedirs(out, endpoint_url)
+        storage.remove(storage.join_url(out, name), endpoint_url)
+    storage.makedirs(out, endpoint_url)
 
 
 def write_shards(inputs: Sequence[str], out: str, image_root: Optional[str] = None,
@@ -210,10 +210,10 @@ def write_shards(inputs: Sequence[str], out: str, image_root: Optional[str] = No
     for n, (rec, source) in enumerate(valid):
         key = sample_key(n)
         members = [(f"{key}.json", sample_json(rec, source))]
-        root = image_root if image_root is not None else fs.dirname_url(rec.file)
+        root = image_root if image_root is not None else storage.dirname_url(rec.file)
         for i, path in enumerate(rec.images):
             try:
-                data = fs.read_bytes(fs.join_url(root, path), endpoint_url)
+                data = storage.read_bytes(storage.join_url(root, path), endpoint_url)
             except OSError as e:  # it was readable during validation: the input changed under us
                 raise ShardError(f"{rec.file}: record {rec.index} (id={rec.id!r}): image {path!r} "
                                  f"vanished while writing: {e}") from e
@@ -233,6 +233,6 @@ def write_shards(inputs: Sequence[str], out: str, image_root: Optional[str] = No
                    "derived_labels": {k: derived[k] for k in ("explicit", "folder", "qa")}},
         "skipped": _skipped(errors),
     }
-    fs.write_bytes(fs.join_url(out, MANIFEST), (json.dumps(manifest, indent=1) + "\n").encode(), endpoint_url)
+    storage.write_bytes(storage.join_url(out, MANIFEST), (json.dumps(manifest, indent=1) + "\n").encode(), endpoint_url)
     log(f"wrote {len(valid)} samples in {len(sink.entries)} shard(s) to {out}; skipped {len(manifest['skipped'])}")
     return manifest

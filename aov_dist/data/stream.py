@@ -61,7 +61,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from aov_dist.data import fs
+from aov_dist import storage
 from aov_dist.data.config import DataConfig
 from aov_dist.data.plan import EpochBudget, epoch_budget, load_manifest
 from aov_dist.data.reader import ReaderSettings, SlotReader, SlotState
@@ -289,4 +289,4 @@ class _Opener:
         self.endpoint = endpoint
 
     def __call__(self, url: str):
-        return fs.open_url(url, "rb", self.endpoint)
+        return storage.open_url(url, "rb", self.endpoint)

@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 from PIL import Image
 
-from aov_dist.data import fs
+from aov_dist import storage
 
 LOW_LEVEL = "low-level"
 COMPLEX = "complex"
@@ -74,17 +74,17 @@ class Benchmark:
 # All storage access goes through aov_dist.data.fs (the one place that knows the S3 endpoint rules).
 
 def read_bytes(url: str) -> bytes:
-    return fs.read_bytes(url)
+    return storage.read_bytes(url)
 
 
 def exists(url: str) -> bool:
-    return fs.exists(url)
+    return storage.exists(url)
 
 
 def join(root: str, rel: str) -> str:
     """``rel`` under ``root``; paths that could escape the folder (``..``, absolute) are refused."""
     try:
-        return fs.join_url(root, rel)
+        return storage.join_url(root, rel)
     except ValueError as e:
         raise BenchmarkError(f"{e} (under {root})") from e
 

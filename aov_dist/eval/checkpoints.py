@@ -9,16 +9,11 @@ A reference is one of
 from __future__ import annotations
 
 import os
-import posixpath
-import re
 import tempfile
 from typing import Optional
 
-from aov_dist.data import fs as data_fs
-
-COMMIT_MARKER = "COMMITTED"
-HF_SUBDIR = "hf"
-_STEP = re.compile(r"step_(\d+)$")
+from aov_dist import storage
+from aov_dist.train.checkpoint import COMMIT_MARKER, HF_DIR, is_committed, latest_committed_under, step_of
 
 
 class CheckpointError(RuntimeError):
@@ -29,33 +24,15 @@ def is_mlflow_uri(uri: str) -> bool:
     return uri.startswith(("runs:/", "models:/"))
 
 
-def step_of(uri: str) -> Optional[int]:
-    m = _STEP.search(uri.rstrip("/"))
-    return int(m.group(1)) if m else None
-
-
-def is_committed(step_dir: str) -> bool:
-    return data_fs.exists(step_dir.rstrip("/") + "/" + COMMIT_MARKER)
-
-
 def latest_local_checkpoint(root: str) -> str:
-    """The committed step folder under ``root/<run>/step_<N>`` (or ``root/step_<N>``), local or
-    s3://, whose marker is newest (ties: the higher step)."""
-    fs, path = data_fs.get_fs(root)
-    markers = fs.glob(f"{path}/*/step_*/{COMMIT_MARKER}") + fs.glob(f"{path}/step_*/{COMMIT_MARKER}")
-    if not markers:
+    """The newest committed step folder under ``root`` (``root/<run>/step_<N>`` or
+    ``root/step_<N>``), local or s3:// (train/checkpoint.py's rule)."""
+    found = latest_committed_under(root)
+    if found is None:
         raise CheckpointError(
             f"eval.checkpoint is null and no committed checkpoint (step_<N>/{COMMIT_MARKER}) was found "
             f"under eval.checkpoint_root={root!r}; train first (make train) or pass checkpoint=<path>")
-
-    def newest_first(marker: str) -> tuple[float, int]:
-        info = fs.info(marker)
-        stamp = info.get("mtime", info.get("LastModified", 0))
-        stamp = stamp.timestamp() if hasattr(stamp, "timestamp") else float(stamp or 0)
-        return stamp, step_of(posixpath.dirname(marker)) or -1
-
-    found = posixpath.dirname(max(markers, key=newest_first))
-    return f"s3://{found}" if data_fs.is_remote(root) else found
+    return found
 
 
 def resolve(uri: Optional[str], checkpoint_root: str) -> str:
@@ -64,7 +41,7 @@ def resolve(uri: Optional[str], checkpoint_root: str) -> str:
         return latest_local_checkpoint(checkpoint_root)
     if is_mlflow_uri(uri):
         return uri
-    if not data_fs.exists(uri):
+    if not storage.exists(uri):
         raise CheckpointError(f"checkpoint {uri!r} does not exist")
     if step_of(uri) is not None and not is_committed(uri):
         raise CheckpointError(f"checkpoint {uri!r} has no {COMMIT_MARKER} marker: not (yet) committed")
@@ -72,11 +49,11 @@ def resolve(uri: Optional[str], checkpoint_root: str) -> str:
 
 
 def _hf_dir(local: str, original: str) -> str:
-    if os.path.isfile(os.path.join(local, HF_SUBDIR, "config.json")):
-        return os.path.join(local, HF_SUBDIR)
+    if os.path.isfile(os.path.join(local, HF_DIR, "config.json")):
+        return os.path.join(local, HF_DIR)
     if os.path.isfile(os.path.join(local, "config.json")):
         return local
-    raise CheckpointError(f"checkpoint {original!r} holds no HF model (no config.json in it or in {HF_SUBDIR}/)")
+    raise CheckpointError(f"checkpoint {original!r} holds no HF model (no config.json in it or in {HF_DIR}/)")
 
 
 def materialize(uri: str, cache_dir: Optional[str] = None) -> str:
@@ -90,11 +67,9 @@ def materialize(uri: str, cache_dir: Optional[str] = None) -> str:
         except Exception as e:
             raise CheckpointError(f"cannot download checkpoint {uri!r} from MLflow: {e}") from e
         return _hf_dir(local, uri)
-    if "://" in uri and not uri.startswith("file://"):
-        fs, path = data_fs.get_fs(uri)
-        src = path.rstrip("/") + (f"/{HF_SUBDIR}" if fs.exists(path.rstrip("/") + f"/{HF_SUBDIR}") else "")
+    if storage.is_remote(uri):
+        hf = f"{uri.rstrip('/')}/{HF_DIR}"
         dst = tempfile.mkdtemp(prefix="aov-ckpt-", dir=cache_dir)
-        fs.get(src + "/", dst + "/", recursive=True)
+        storage.copy_to_local(hf if storage.exists(hf) else uri, dst)
         return _hf_dir(dst, uri)
-    local = uri[len("file://"):] if uri.startswith("file://") else uri
-    return _hf_dir(local, uri)
+    return _hf_dir(storage.local_path(uri), uri)

@@ -22,14 +22,14 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from aov_dist.eval.checkpoints import COMMIT_MARKER, is_committed, is_mlflow_uri
+from aov_dist.eval.checkpoints import is_mlflow_uri
 from aov_dist.eval.evaluate import EvalResult, log_result
+from aov_dist.tracking.mlflow_tracker import CHECKPOINT_TAG as CKPT_TAG
+from aov_dist.tracking.mlflow_tracker import EVAL_TAG, SOURCE_TAG
+from aov_dist.train.checkpoint import COMMIT_MARKER, is_committed
 
 log = logging.getLogger(__name__)
 
-CKPT_TAG = "aov.checkpoint."
-EVAL_TAG = "aov.eval."
-SOURCE_TAG = "aov.eval.source_run"
 EvaluateFn = Callable[[str], EvalResult]
 
 

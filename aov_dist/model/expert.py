@@ -251,7 +251,7 @@ def load_expert_weights(expert: AnomalyExpert, source: str | os.PathLike | Mappi
     """Load a released `pretrained_expert_*.pth` (or our own export, or a state dict) strictly.
 
     Files are read with torch.load(weights_only=True): a pickle that holds anything but tensors
-    and plain containers is refused rather than executed. `s3://...` and other fsspec URLs work.
+    and plain containers is refused rather than executed. Local paths and `s3://...` (aov_dist.storage).
     Nothing is copied unless every key and shape matches. Under ZeRO-3 call this before the
     engine partitions the parameters (or inside deepspeed.zero.GatheredParameters(modifier_rank=0)).
     """
@@ -266,13 +266,10 @@ def load_expert_weights(expert: AnomalyExpert, source: str | os.PathLike | Mappi
 
 def _read_weights(where: str) -> Mapping[str, Tensor]:
     try:
-        if "://" in where:
-            import fsspec  # only remote paths need it
+        from aov_dist import storage
 
-            with fsspec.open(where, "rb") as f:
-                state = torch.load(f, weights_only=True, map_location="cpu")
-        else:
-            state = torch.load(where, weights_only=True, map_location="cpu")
+        with storage.open_url(where, "rb") as f:
+            state = torch.load(f, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as err:
         raise ExpertWeightsError(
             f"expert weights {where}: refused to load (torch.load weights_only=True accepts only tensors "

@@ -19,7 +19,7 @@ from .attention import resolve_attn_implementation
 from .config import ModelConfig
 from .expert import load_expert_weights
 from .hf_config import AnomalyOVConfig
-from .hub import localize
+from aov_dist.storage import localize
 from .processor import AnomalyOVProcessor, layout_from_hf_config
 from .tokenizer import build_tiny_tokenizer
 

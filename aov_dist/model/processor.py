@@ -19,7 +19,7 @@ from PIL import Image
 from transformers import AutoTokenizer
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 
-from .hub import localize
+from aov_dist.storage import localize
 from .layout import SINGLE_VIEW, VisionLayout, crop_grid, num_anomaly_tokens, num_views, num_visual_tokens
 from .tokenizer import ADVERBS, DEFAULT_SYSTEM_PROMPT, adverb_token_ids
 

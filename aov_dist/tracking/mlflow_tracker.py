@@ -25,7 +25,12 @@ from aov_dist.tracking.config import TrackingConfig
 from aov_dist.tracking.redact import flatten, redact
 
 log = logging.getLogger(__name__)
+# Tags on a training run: aov.checkpoint.<step> = the committed step folder (training writes it),
+# aov.eval.<step> = its evaluation's state and aov.eval.source_run on an evaluation run (the
+# evaluation watcher writes those; eval/watch.py holds the protocol).
 CHECKPOINT_TAG = "aov.checkpoint."
+EVAL_TAG = "aov.eval."
+SOURCE_TAG = "aov.eval.source_run"
 MAX_PARAM_LEN = 6000
 
 

@@ -26,15 +26,14 @@ def log_and_register(cfg: TrackingConfig, run_id: str, hf_dir: str, name: Option
     registered)."""
     import mlflow
 
-    from aov_dist.data import fs
+    from aov_dist import storage
 
     mlflow.set_tracking_uri(cfg.uri)
     local = hf_dir
     tmp = None
-    if fs.is_remote(hf_dir):
+    if storage.is_remote(hf_dir):
         tmp = tempfile.TemporaryDirectory()
-        fs_, p = fs.get_fs(hf_dir)
-        fs_.get(p + "/", tmp.name + "/", recursive=True)
+        storage.copy_to_local(hf_dir, tmp.name)
         local = tmp.name
     try:
         with mlflow.start_run(run_id=run_id), warnings.catch_warnings():

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import random
 import re
 import time
@@ -24,7 +25,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from aov_dist.data import fs
+from aov_dist import storage
 
 COMMIT_MARKER = "COMMITTED"
 CONFIG_FILE = "config.yaml"
@@ -32,12 +33,12 @@ HF_DIR = "hf"
 _STEP_DIR = re.compile(r"step_(\d+)$")
 
 
-def run_dir(storage: str, run_name: str) -> str:
-    return f"{storage.rstrip('/')}/{run_name}"
+def run_dir(storage_path: str, run_name: str) -> str:
+    return f"{storage_path.rstrip('/')}/{run_name}"
 
 
-def step_dir(storage: str, run_name: str, step: int) -> str:
-    return f"{run_dir(storage, run_name)}/step_{step}"
+def step_dir(storage_path: str, run_name: str, step: int) -> str:
+    return f"{run_dir(storage_path, run_name)}/step_{step}"
 
 
 def step_of(path: str) -> Optional[int]:
@@ -46,23 +47,16 @@ def step_of(path: str) -> Optional[int]:
 
 
 def is_committed(path: str) -> bool:
-    return fs.exists(f"{path.rstrip('/')}/{COMMIT_MARKER}")
+    return storage.exists(f"{path.rstrip('/')}/{COMMIT_MARKER}")
 
 
-def _qualified(url_like: str, storage: str) -> str:
-    """fsspec listings drop the scheme: put it back for remote storage."""
-    if fs.is_remote(storage) and "://" not in url_like:
-        return f"{storage.split('://', 1)[0]}://{url_like}"
-    return url_like
-
-
-def list_steps(storage: str, run_name: str) -> list[tuple[int, str, bool]]:
+def list_steps(storage_path: str, run_name: str) -> list[tuple[int, str, bool]]:
     """(step, folder, committed) of every step folder of the run, oldest first."""
-    root = run_dir(storage, run_name)
-    if not fs.exists(root):
+    root = run_dir(storage_path, run_name)
+    if not storage.exists(root):
         return []
     found = []
-    for name in fs.list_names(root):
+    for name in storage.list_names(root):
         step = step_of(name)
         if step is not None:
             path = f"{root}/step_{step}"
@@ -70,9 +64,31 @@ def list_steps(storage: str, run_name: str) -> list[tuple[int, str, bool]]:
     return sorted(found)
 
 
-def latest_committed(storage: str, run_name: str) -> Optional[str]:
-    committed = [path for _, path, ok in list_steps(storage, run_name) if ok]
+def latest_committed(storage_path: str, run_name: str) -> Optional[str]:
+    """The run's committed checkpoint with the highest step (the one rule for "latest")."""
+    committed = [path for _, path, ok in list_steps(storage_path, run_name) if ok]
     return committed[-1] if committed else None
+
+
+def latest_committed_under(root: str) -> Optional[str]:
+    """The newest committed checkpoint below ``root``: ``root`` is a run folder (``step_<N>``
+    inside) or holds run folders. Within a run the highest step wins; between runs, the run
+    whose latest checkpoint was committed last."""
+    root = root.rstrip("/") if storage.is_remote(root) else os.path.abspath(storage.local_path(root))
+    runs = [root] + [f"{root}/{name}" for name in storage.list_names(root) if step_of(name) is None]
+    latest = [p for p in (latest_committed(*run.rsplit("/", 1)) for run in runs) if p]
+    if not latest:
+        return None
+    return max(latest, key=lambda p: (_commit_time(p), step_of(p) or -1))
+
+
+def _commit_time(step_folder: str) -> float:
+    """When the marker was written: its own record, else (a hand-made marker) the file's time."""
+    marker = f"{step_folder}/{COMMIT_MARKER}"
+    try:
+        return float(read_json(marker)["time"])
+    except (ValueError, KeyError, TypeError):
+        return storage.modified(marker)
 
 
 def resume_point(train) -> Optional[str]:
@@ -86,30 +102,29 @@ def resume_point(train) -> Optional[str]:
 
 def write_marker(path: str, step: int, world_size: int) -> None:
     body = {"step": step, "world_size": world_size, "time": time.time()}
-    fs.write_bytes(f"{path}/{COMMIT_MARKER}", json.dumps(body).encode())
+    storage.write_bytes(f"{path}/{COMMIT_MARKER}", json.dumps(body).encode())
 
 
-def prune(storage: str, run_name: str, keep: int) -> list[str]:
+def prune(storage_path: str, run_name: str, keep: int) -> list[str]:
     """Delete all but the newest ``keep`` committed checkpoints, and uncommitted folders older than
     the newest committed one (leftovers of interrupted saves). Called only after a commit."""
-    steps = list_steps(storage, run_name)
+    steps = list_steps(storage_path, run_name)
     committed = [(s, p) for s, p, ok in steps if ok]
     if not committed:
         return []
     newest = committed[-1][0]
     doomed = [p for _, p in committed[:-keep]] + [p for s, p, ok in steps if not ok and s < newest]
     for path in doomed:
-        fs_, p = fs.get_fs(path)
-        fs_.rm(p, recursive=True)
+        storage.remove_tree(path)
     return doomed
 
 
 def write_json(url: str, obj: Any) -> None:
-    fs.write_bytes(url, json.dumps(obj).encode())
+    storage.write_bytes(url, json.dumps(obj).encode())
 
 
 def read_json(url: str) -> Any:
-    return json.loads(fs.read_bytes(url))
+    return json.loads(storage.read_bytes(url))
 
 
 def rng_state() -> dict[str, Any]:

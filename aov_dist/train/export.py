@@ -18,7 +18,7 @@ import sys
 import tempfile
 from typing import Optional
 
-from aov_dist.data import fs
+from aov_dist import storage
 from aov_dist.train import checkpoint as ckpt
 
 
@@ -37,24 +37,22 @@ def resolve_step(path: str) -> str:
 
 
 def _copy_tree(src: str, dst: str) -> None:
-    if not fs.is_remote(src) and not fs.is_remote(dst):
+    if not storage.is_remote(src) and not storage.is_remote(dst):
         shutil.copytree(src, dst, dirs_exist_ok=True)
         return
     with tempfile.TemporaryDirectory(prefix="aov-export-") as tmp:
         local = _local_copy(src, "src", tmp)
-        if fs.is_remote(dst):
-            fs_, p = fs.get_fs(dst)
-            fs_.put(local + "/", p + "/", recursive=True)
+        if storage.is_remote(dst):
+            storage.copy_from_local(local, dst)
         else:
             shutil.copytree(local, dst, dirs_exist_ok=True)
 
 
 def _local_copy(url: str, name: str, into: str) -> str:
-    if not fs.is_remote(url):
+    if not storage.is_remote(url):
         return url
-    fs_, p = fs.get_fs(url)
     target = os.path.join(into, name)
-    fs_.get(p + "/", target + "/", recursive=True)
+    storage.copy_to_local(url, target)
     return target
 
 
@@ -67,10 +65,10 @@ def _build_model(step: str, config_dir: Optional[str]):
 
     if config_dir is not None:
         return build_model(ModelConfig(pretrained_path=config_dir))
-    if not fs.exists(f"{step}/{ckpt.CONFIG_FILE}"):
+    if not storage.exists(f"{step}/{ckpt.CONFIG_FILE}"):
         raise FileNotFoundError(f"{step} has neither hf/ nor {ckpt.CONFIG_FILE}: pass --config-dir with the "
                                 "run's model config and processor")
-    cfg = to_typed(OmegaConf.create(fs.read_bytes(f"{step}/{ckpt.CONFIG_FILE}").decode()))
+    cfg = to_typed(OmegaConf.create(storage.read_bytes(f"{step}/{ckpt.CONFIG_FILE}").decode()))
     return make_task(cfg.stage.name).build_model(cfg)
 
 
@@ -92,12 +90,11 @@ def merge_shards(step: str, out: str, config_dir: Optional[str] = None) -> str:
         if missing or unexpected:
             raise RuntimeError(f"checkpoint {step} does not match the model built from its config: "
                                f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
-        local_out = os.path.join(tmp, "hf") if fs.is_remote(out) else out
+        local_out = os.path.join(tmp, "hf") if storage.is_remote(out) else out
         model.save_pretrained(local_out, safe_serialization=True)
         processor.save_pretrained(local_out)
-        if fs.is_remote(out):
-            fs_, p = fs.get_fs(out)
-            fs_.put(local_out + "/", p + "/", recursive=True)
+        if storage.is_remote(out):
+            storage.copy_from_local(local_out, out)
     return out
 
 
@@ -105,7 +102,7 @@ def export(step: str, out: Optional[str] = None, config_dir: Optional[str] = Non
     """Write model + processor of committed ``step`` to ``out`` (default ``<step>/hf``); returns it."""
     hf = f"{step}/{ckpt.HF_DIR}"
     out = out or hf
-    if not from_shards and fs.exists(f"{hf}/config.json"):
+    if not from_shards and storage.exists(f"{hf}/config.json"):
         if out.rstrip("/") != hf:
             _copy_tree(hf, out)
         return out

@@ -21,7 +21,7 @@ import torch
 from omegaconf import OmegaConf
 
 from aov_dist.config import TrainJobConfig, micro_steps_per_step, to_typed
-from aov_dist.data import fs
+from aov_dist import storage
 from aov_dist.train import checkpoint as ckpt
 from aov_dist.train.strategy import DeepSpeedStrategy
 from aov_dist.train.tasks import make_task
@@ -234,20 +234,19 @@ def _restore(strategy, engine, loader, skips, path: str, rank: int, result: Loop
 
 def _localize_for_read(path: str) -> str:
     """DeepSpeed reads local files: copy a remote step folder's ds/ to a local temp folder."""
-    if not fs.is_remote(path):
+    if not storage.is_remote(path):
         return path
     tmp = tempfile.mkdtemp(prefix="aov-resume-")
-    fs_, p = fs.get_fs(path)
-    fs_.get(f"{p}/ds/", f"{tmp}/ds/", recursive=True)
+    storage.copy_to_local(f"{path}/ds", f"{tmp}/ds")
     return tmp
 
 
 def _save(cfg: TrainJobConfig, strategy, engine, processor, loader, result: LoopResult, rank: int,
           world: int, skips=None) -> str:
     """Every rank writes its part; after a barrier rank 0 writes the marker, then prunes old ones."""
-    storage, run = cfg.train.storage_path, cfg.train.run_name
-    final = ckpt.step_dir(storage, run, result.step)
-    remote = fs.is_remote(final)
+    storage_path, run = cfg.train.storage_path, cfg.train.run_name
+    final = ckpt.step_dir(storage_path, run, result.step)
+    remote = storage.is_remote(final)
     local = tempfile.mkdtemp(prefix="aov-ckpt-") if remote else final
     os.makedirs(local, exist_ok=True)
     strategy.save(engine, f"{local}/ds")
@@ -262,7 +261,7 @@ def _save(cfg: TrainJobConfig, strategy, engine, processor, loader, result: Loop
                                                         "skip_window": skips.state_dict() if skips else {}})
         # the job's resolved config: aov-export rebuilds the model from it (no hf/ needed)
         # (redacted: a secret-looking key, e.g. a judge API key, must not land in storage)
-        fs.write_bytes(f"{local}/{ckpt.CONFIG_FILE}", _safe_yaml(cfg).encode())
+        storage.write_bytes(f"{local}/{ckpt.CONFIG_FILE}", _safe_yaml(cfg).encode())
         if state_dict is not None:
             engine.module.save_pretrained(f"{local}/hf", state_dict=state_dict, safe_serialization=True)
             processor.save_pretrained(f"{local}/hf")
@@ -274,7 +273,7 @@ def _save(cfg: TrainJobConfig, strategy, engine, processor, loader, result: Loop
     strategy.barrier()
     if rank == 0:
         ckpt.write_marker(final, result.step, world)
-        ckpt.prune(storage, run, cfg.train.keep_checkpoints)
+        ckpt.prune(storage_path, run, cfg.train.keep_checkpoints)
     strategy.barrier()
     return final
 
@@ -285,27 +284,16 @@ def _safe_yaml(cfg: TrainJobConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(redact(OmegaConf.to_container(OmegaConf.structured(cfg)))))
 
 
-# A checkpoint upload is retried (storage hiccups are common and a step's work is costly), then it
-# fails the step with an error naming the target; no marker is written, so the previous
-# checkpoint stays the newest committed one.
-UPLOAD_ATTEMPTS = 3
-UPLOAD_BACKOFF_S = 2.0
-
-
 def _upload(local: str, final: str, rank: int) -> None:
-    fs_, p = fs.get_fs(final)
-    for attempt in range(UPLOAD_ATTEMPTS):
-        try:
-            fs_.put(local + "/", p + "/", recursive=True)
-            return
-        except Exception as e:
-            if attempt == UPLOAD_ATTEMPTS - 1:
-                raise RuntimeError(f"checkpoint {final}: rank {rank} could not upload its part after "
-                                   f"{UPLOAD_ATTEMPTS} attempts ({type(e).__name__}: {e}); the step is "
-                                   f"not committed, the previous checkpoint stays the newest") from e
-            log.warning("checkpoint %s: upload by rank %d failed (%s: %s); retrying", final, rank,
-                        type(e).__name__, e)
-            time.sleep(UPLOAD_BACKOFF_S * 2 ** attempt)
+    """Each rank's part of a remote checkpoint. botocore retries every request (storage.py); a
+    copy that still fails fails the step, naming the target: no marker is written, so the previous
+    checkpoint stays the newest committed one."""
+    try:
+        storage.copy_from_local(local, final)
+    except Exception as e:
+        raise RuntimeError(f"checkpoint {final}: rank {rank} could not upload its part ({type(e).__name__}: {e}; "
+                           f"each request was tried {storage.WRITE_ATTEMPTS} times); the step is not committed, "
+                           f"the previous checkpoint stays the newest") from e
 
 
 def worker_entry(config: dict[str, Any]) -> None:

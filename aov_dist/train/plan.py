@@ -45,7 +45,7 @@ VIEW_BINS = [(2, "1-2"), (5, "3-5"), (10, "6-10"), (17, "11-17"), (26, "18-26")]
 def _model_config(c: TrainJobConfig, missing: dict[str, str]):
     """(AnomalyOVConfig, source, problem or ""): the pretrained directory's config.json when readable,
     else the preset's dimensions."""
-    from aov_dist.data import fs
+    from aov_dist import storage
     from aov_dist.model.hf_config import AnomalyOVConfig
     from aov_dist.model.presets import LOAD_OVERRIDES, build_config, preset_dims, tiny_processor
 
@@ -56,9 +56,9 @@ def _model_config(c: TrainJobConfig, missing: dict[str, str]):
         if extra:
             raise ConfigError("model.overrides", f"{extra}: with model.pretrained_path the architecture comes from "
                               f"the directory; only {sorted(LOAD_OVERRIDES)} may be overridden")
-        url = fs.join_url(path, "config.json")
+        url = storage.join_url(path, "config.json")
         try:
-            d = json.loads(fs.read_bytes(url, c.data.s3_endpoint_url))
+            d = json.loads(storage.read_bytes(url, c.data.s3_endpoint_url))
             return AnomalyOVConfig.from_dict(d, **c.model.overrides), url, ""
         except Exception as e:  # unreadable: plan with the preset's dimensions and say so
             note = f"{url} not readable ({type(e).__name__}: {str(e)[:120]}): planned with the preset's dimensions"

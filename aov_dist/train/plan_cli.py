@@ -25,7 +25,8 @@ import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import ValidationError
 
-from aov_dist.cluster.config import ClusterConfigError, is_remote_path
+from aov_dist import storage
+from aov_dist.cluster.config import ClusterConfigError
 from aov_dist.config import CONF_DIR, ConfigError, TrainJobConfig, register_configs, validate
 
 PLACEHOLDER = "s3://aov-plan-placeholder/{key}"
@@ -90,8 +91,8 @@ def fill_missing(cfg: DictConfig) -> dict[str, str]:
                 walk(child, key)
 
     walk(cfg, "")
-    cl, storage = cfg.cluster, cfg.train.get("storage_path")
-    if cl.nodes > 1 and not cl.get("shared_filesystem") and not is_remote_path(str(storage or "")):
+    cl, storage_path = cfg.cluster, cfg.train.get("storage_path")
+    if cl.nodes > 1 and not cl.get("shared_filesystem") and not storage.is_remote(str(storage_path or "")):
         missing["train.storage_path"] = "storage every node reaches (s3://bucket/prefix)"
         cfg.train.storage_path = PLACEHOLDER.format(key="train.storage_path")
     m = cfg.model  # the rule of config.validate: an official preset loads its weights from a directory

@@ -34,7 +34,7 @@ def model_config_for(cfg: TrainJobConfig) -> ModelConfig:
     """Stage 2 starts from a stage-1 result: an HF folder / committed step folder (whole model) or
     an expert .pth (released pretrained_expert_*.pth) on top of the model section's weights."""
     from aov_dist.config import training_precision
-    from aov_dist.data import fs
+    from aov_dist import storage
 
     # built in the precision DeepSpeed trains in (zero.Init partitions it so, at once)
     model = dataclasses.replace(cfg.model, dtype=training_precision(cfg))
@@ -45,7 +45,7 @@ def model_config_for(cfg: TrainJobConfig) -> ModelConfig:
         return dataclasses.replace(model, expert_path=init)
     hf = f"{init.rstrip('/')}/hf"
     # the architecture comes from the folder: preset overrides no longer apply
-    return dataclasses.replace(model, pretrained_path=hf if fs.exists(f"{hf}/config.json") else init, overrides={},
+    return dataclasses.replace(model, pretrained_path=hf if storage.exists(f"{hf}/config.json") else init, overrides={},
                                random_init=False)
 
 
