@@ -67,11 +67,11 @@ def _timed(fn) -> float:
 def _rank_main(rank: int, port: int, a: dict, storages: dict[str, str], out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    import deepspeed
     import torch
     import torch.distributed as dist
 
     from aov_dist.config import validate
+    from aov_dist.data.skip_policy import SkipPolicy
     from aov_dist.train import loop
     from aov_dist.train.strategy import DeepSpeedStrategy
     from aov_dist.train.tasks import make_task
@@ -79,39 +79,34 @@ def _rank_main(rank: int, port: int, a: dict, storages: dict[str, str], out: str
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     loop.quiet_library_warnings()
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     report: dict[str, Any] = {}
     for kind, storage in storages.items():
         cfg = validate(compose(job_overrides(a["stage"], a["manifest"], storage)))
         loop.seed_everything(0)
         task = make_task(cfg.stage.name)
         strategy = DeepSpeedStrategy(cfg)
-        model, processor = strategy.build_model(lambda: task.build_model(cfg))
+        strategy.init_distributed()
+        model, processor = strategy.build_model(lambda: task.build_model(cfg, gather=strategy.gathered_for_update))
         groups = model.stage_parameter_groups(cfg.stage.name)
         loader = task.build_loader(cfg, processor, rank, WORLD)
-        engine = strategy.initialize(model, groups, 1000, 100)
+        strategy.initialize(model, groups, 1000, 100)
         batches = iter(loader)
-        loss, _ = task.loss(engine, next(batches))  # one step: optimizer state exists
-        engine.backward(loss)
-        engine.step()
+        loss = task.loss(strategy, strategy.to_device(next(batches)))  # one step: optimizer state exists
+        strategy.backward(loss)
+        strategy.step()
         result = loop.LoopResult(step=0)
         saves, ds_only, hf_only = [], [], []
         for i in range(a["saves"]):
             result.step = i + 1
-            saves.append(_timed(lambda: loop._save(cfg, strategy, engine, processor, loader, result, rank, WORLD)))
+            saves.append(_timed(lambda: loop._save(cfg, strategy, processor, loader, result, rank, WORLD)))
             scratch = tempfile.mkdtemp(prefix="bench-ckpt-part-")  # the parts, on local disk
-            ds_only.append(_timed(lambda: strategy.save(engine, f"{scratch}/ds")))
-
-            def hf_export() -> None:
-                sd = strategy.consolidated_state_dict(engine)
-                if rank == 0:
-                    engine.module.save_pretrained(f"{scratch}/hf", state_dict=sd, safe_serialization=True)
-                    processor.save_pretrained(f"{scratch}/hf")
-            hf_only.append(_timed(hf_export))
+            ds_only.append(_timed(lambda: strategy.save(f"{scratch}/ds")))
+            hf_only.append(_timed(lambda: strategy.save_hf(f"{scratch}/hf", processor)))
             shutil.rmtree(scratch, ignore_errors=True)
         path = result.checkpoints[-1] if result.checkpoints else f"{storage.rstrip('/')}/bench/step_{result.step}"
         restored = loop.LoopResult(step=0)
-        restore_s = [_timed(lambda: loop._restore(strategy, engine, loader, path, rank, restored))
+        skips = SkipPolicy(cfg.data.skip_window, cfg.data.max_skip_fraction, cfg.data.fail_skip_fraction)
+        restore_s = [_timed(lambda: loop._restore(strategy, loader, skips, path, rank, restored))
                      for _ in range(a["saves"])]
         if restored.step != result.step:
             raise RuntimeError(f"restored step {restored.step} from {path}, saved {result.step}")
@@ -119,8 +114,8 @@ def _rank_main(rank: int, port: int, a: dict, storages: dict[str, str], out: str
             report[kind] = {"path": path, "save_s": saves, "ds_save_s": ds_only, "hf_export_s": hf_only,
                             "restore_s": restore_s, "bytes_total": dir_bytes(path),
                             "bytes_ds": dir_bytes(f"{path}/ds"), "bytes_hf": dir_bytes(f"{path}/hf"),
-                            "params": sum(int(getattr(p, "ds_numel", p.numel())) for p in engine.module.parameters())}
-        del engine, model
+                            "params": strategy.numel()}
+        del model  # the strategy (and its engine) is replaced in the next round
         dist.barrier()
     if rank == 0:
         Path(out).write_text(json.dumps(report))

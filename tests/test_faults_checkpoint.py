@@ -21,12 +21,18 @@ from train_harness import free_port as _free_port
 
 
 class FakeStrategy:
-    def save(self, engine, directory: str) -> None:
+    """The strategy's save side, writing plain files; its HF export is the module's (which may fail)."""
+
+    def __init__(self, module: "FakeModule"):
+        self.module = module
+
+    def save(self, directory: str) -> None:
         os.makedirs(directory, exist_ok=True)
         Path(directory, "state.bin").write_bytes(b"ds")
 
-    def consolidated_state_dict(self, engine):
-        return {}
+    def save_hf(self, directory: str, processor) -> None:
+        self.module.save_pretrained(directory)
+        processor.save_pretrained(directory)
 
     def barrier(self) -> None:  # one process: nothing to wait for
         pass
@@ -41,11 +47,6 @@ class FakeModule:
         Path(path, "model.safetensors").write_bytes(b"half")  # half written, then the disk fails
         if self.step_ref and self.step_ref[0] == self.fail_on_step:
             raise OSError(28, "No space left on device")
-
-
-class FakeEngine:
-    def __init__(self, module):
-        self.module = module
 
 
 class FakeProcessor:
@@ -70,8 +71,8 @@ def job_cfg(storage: str, keep: int = 1) -> TrainJobConfig:
 
 def save(cfg: TrainJobConfig, step: int, module: Optional[FakeModule] = None) -> str:
     result = loop.LoopResult(step=step, losses=[0.5] * step)
-    return loop._save(cfg, FakeStrategy(), FakeEngine(module or FakeModule()), FakeProcessor(), FakeLoader(),
-                      result, rank=0, world=1)
+    return loop._save(cfg, FakeStrategy(module or FakeModule()), FakeProcessor(), FakeLoader(), result,
+                      rank=0, world=1)
 
 
 def test_failed_save_leaves_no_marker_and_keeps_the_last_committed(tmp_path):

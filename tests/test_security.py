@@ -200,10 +200,16 @@ def test_strategy_installs_the_safe_engine_and_load_requires_it():
     class Engine:
         checkpoint_engine = None
 
+    import torch
+
+    from aov_dist.config import TrainJobConfig
+
     engine = Engine()
     engine.checkpoint_engine = TorchCheckpointEngine(None)
+    strategy = DeepSpeedStrategy(TrainJobConfig(), device=torch.device("cpu"))
+    strategy.engine = engine
     with pytest.raises(RuntimeError, match="without the safe checkpoint engine"):
-        DeepSpeedStrategy.load(engine, "/nonexistent/ds")
+        strategy.load("/nonexistent/ds")
     install_safe_checkpoint_engine(engine)
     assert type(engine.checkpoint_engine) is safe_checkpoint_engine_class()
     engine.checkpoint_engine = object()  # e.g. a fast/decoupled writer: its loads were not checked

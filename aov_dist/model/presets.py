@@ -9,7 +9,7 @@ load weights from an HF-format directory (`model.pretrained_path`) plus an exper
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import Any, Callable, ContextManager, Optional
 
 import torch
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
@@ -113,9 +113,12 @@ def tiny_processor(dims: dict[str, Any] | None = None) -> AnomalyOVProcessor:
     return AnomalyOVProcessor(tokenizer, image_processor, layout_from_hf_config(config_like))
 
 
-def build_model(cfg: ModelConfig) -> tuple[AnomalyOVForConditionalGeneration, AnomalyOVProcessor]:
-    """The model and its processor. Random init (tiny) or an HF-format directory (any preset);
-    then the expert file, if given. Works inside deepspeed.zero.Init / HfDeepSpeedConfig (ZeRO-3)."""
+def build_model(cfg: ModelConfig, gather: Optional[Callable[[torch.nn.Module], ContextManager]] = None
+                ) -> tuple[AnomalyOVForConditionalGeneration, AnomalyOVProcessor]:
+    """The model and its processor. Random init (tiny, or ``random_init``) or an HF-format directory
+    (any preset); then the expert file, if given. Built inside zero.Init (ZeRO-3), its parameters
+    are partitioned: ``gather(module)`` (the training strategy's ``gathered_for_update``) gives the
+    expert's full parameters to load the file into."""
     attn = resolve_attn_implementation(cfg.attn_implementation)
     dtype = resolve_dtype(cfg.dtype)
     anomaly: dict[str, Any] = dict(vision_dummy_for_text_only=cfg.vision_dummy_for_text_only)
@@ -148,7 +151,10 @@ def build_model(cfg: ModelConfig) -> tuple[AnomalyOVForConditionalGeneration, An
         with _seeded(cfg.init_seed):
             model = AnomalyOVForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation=attn)
     if cfg.expert_path:
-        with _gathered(model.expert):
+        if gather is None and any(hasattr(p, "ds_id") for p in model.expert.parameters()):
+            raise ValueError("build_model: the model was built partitioned (ZeRO-3); pass the strategy's "
+                             "gather to load model.expert_path into it")
+        with (gather or (lambda m: contextlib.nullcontext()))(model.expert):
             load_expert_weights(model.expert, cfg.expert_path)
     tok = processor.tokenizer
     model.generation_config.eos_token_id = tok.eos_token_id
@@ -171,17 +177,4 @@ def _realign(model: torch.nn.Module) -> None:
 def _seeded(seed: int):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        yield
-
-
-@contextlib.contextmanager
-def _gathered(module: torch.nn.Module):
-    """Under ZeRO-3 the parameters are partitioned: gather them (rank 0's values win) to load a file."""
-    params = list(module.parameters())
-    if not any(hasattr(p, "ds_id") for p in params):
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
         yield

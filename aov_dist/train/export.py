@@ -74,16 +74,10 @@ def _build_model(step: str, config_dir: Optional[str]):
 
 def merge_shards(step: str, out: str, config_dir: Optional[str] = None) -> str:
     """Every rank's ZeRO partitions (and frozen parameters) -> one HF folder at ``out``."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    from aov_dist.train.strategy import verify_ds_checkpoint
+    from aov_dist.train.strategy import DeepSpeedStrategy
 
     with tempfile.TemporaryDirectory(prefix="aov-export-") as tmp:
-        ds_dir = _local_copy(f"{step}/ds", "ds", tmp)
-        # zero_to_fp32 unpickles with weights_only=False: safe-load every file first, so a
-        # tampered checkpoint is refused before DeepSpeed's reader touches it
-        verify_ds_checkpoint(ds_dir)
-        state = get_fp32_state_dict_from_zero_checkpoint(ds_dir, tag="state")
+        state = DeepSpeedStrategy.state_dict_from_shards(_local_copy(f"{step}/ds", "ds", tmp))
         model, processor = _build_model(step, config_dir)
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not _is_tied(model, k)]  # tied weights are stored once

@@ -62,24 +62,20 @@ def _step_totals(strategy: DeepSpeedStrategy, loss_sum: torch.Tensor, accum: int
     return StepTotals(v[0] / accum / world, int(v[1]), {k: int(c) for k, c in zip(SKIP_REASONS, v[2:])})
 
 
-def _model_numel(model: torch.nn.Module) -> int:
-    # under ZeRO-3 a partitioned parameter is empty locally; ds_numel keeps its full size
-    return sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())
-
-
 def run_training(cfg: TrainJobConfig, rank: int, world: int, run_id: Optional[str] = None,
                  on_step: Optional[Callable[[dict], None]] = None,
                  on_checkpoint: Optional[Callable[[int, str, dict], None]] = None,
                  task: Any = None, stop_after: Optional[int] = None,
-                 on_end: Optional[Callable[[Any, Any, Any], None]] = None,
+                 on_end: Optional[Callable[[Any, Any], None]] = None,
                  strategy: Optional[DeepSpeedStrategy] = None) -> LoopResult:
     """Train until the stage's last step. Needs torch.distributed initialised when world > 1.
 
     ``task`` defaults to the stage's (tasks.make_task); ``strategy`` to a DeepSpeedStrategy on
     this worker's device (the current CUDA device on GPU clusters). ``stop_after`` ends the loop
     after that step, as a job killed right after its checkpoint would (tests of resume).
-    ``on_end(strategy, engine, processor)`` runs on every rank after the last step (collective use
-    allowed, e.g. a probe forward under ``strategy.gathered``).
+    ``on_end(strategy, processor)`` runs on every rank after the last step (collective use
+    allowed, e.g. a probe forward under ``strategy.gathered``). The loop never touches the
+    DeepSpeed engine: every step, save and load goes through the strategy.
     """
     from aov_dist.data.skip_policy import SkipPolicy
     from aov_dist.tracking.mlflow_tracker import make_tracker
@@ -90,30 +86,31 @@ def run_training(cfg: TrainJobConfig, rank: int, world: int, run_id: Optional[st
     strategy.init_distributed()
     seed_everything(cfg.train.seed)
     task = task or make_task(cfg.stage.name)
-    model, processor = strategy.build_model(lambda: task.build_model(cfg))
+    model, processor = strategy.build_model(lambda: task.build_model(cfg, gather=strategy.gathered_for_update))
     groups = model.stage_parameter_groups(cfg.stage.name, train_vision_tower="vision_tower" in cfg.stage.lr)
-    n_params = _model_numel(model)
 
     accum = micro_steps_per_step(cfg)
     loader = task.build_loader(cfg, processor, rank, world)
     steps_per_epoch = max(1, loader.batches_per_epoch // accum)
     total = cfg.stage.max_steps if cfg.stage.max_steps > 0 else max(1, math.floor(cfg.stage.epochs * steps_per_epoch))
-    engine = strategy.initialize(model, groups, total, steps_per_epoch)
+    strategy.initialize(model, groups, total, steps_per_epoch)
+    del model  # from here on the engine owns it
     skips = SkipPolicy(cfg.data.skip_window, cfg.data.max_skip_fraction, cfg.data.fail_skip_fraction)
 
     result = LoopResult(step=0, optimizer=strategy.optimizer_name)
     resume = ckpt.resume_point(cfg.train)
     if resume:
-        _restore(strategy, engine, loader, skips, resume, rank, result)
+        _restore(strategy, loader, skips, resume, rank, result)
     tracker = make_tracker(cfg.tracking, run_id, rank)
     # the first worker of each node samples the node's CPUs, memory and GPUs into the run
     monitor = (start_node_monitor(cfg.tracking, run_id, int(os.environ.get("NODE_RANK", 0)), cfg.cluster.nodes)
                if int(os.environ.get("LOCAL_RANK", rank)) == 0 else None)
     try:
-        job = _Job(cfg, strategy, engine, task, processor, loader, skips, tracker, rank, world, total, accum, n_params)
+        job = _Job(cfg, strategy, task, processor, loader, skips, tracker, rank, world, total, accum,
+                   strategy.numel())
         _train_steps(job, result, on_step, on_checkpoint, stop_after)
         if on_end is not None:
-            on_end(strategy, engine, processor)
+            on_end(strategy, processor)
     finally:
         stop_node_monitor(monitor)
         tracker.close()  # also after a failure: what was logged up to it reaches the run
@@ -127,7 +124,6 @@ class _Job:
 
     cfg: TrainJobConfig
     strategy: DeepSpeedStrategy
-    engine: Any
     task: Any
     processor: Any
     loader: Any
@@ -145,7 +141,7 @@ def _train_steps(job: _Job, result: LoopResult, on_step, on_checkpoint, stop_aft
     one all-reduce of what the step logs, metrics, checkpoints."""
     from aov_dist.tracking.mlflow_tracker import CHECKPOINT_TAG
 
-    cfg, strategy, engine, task, loader, rank = job.cfg, job.strategy, job.engine, job.task, job.loader, job.rank
+    cfg, strategy, task, loader, rank = job.cfg, job.strategy, job.task, job.loader, job.rank
     total, accum = job.total, job.accum
 
     batches = iter(loader)
@@ -158,7 +154,7 @@ def _train_steps(job: _Job, result: LoopResult, on_step, on_checkpoint, stop_aft
             batches = iter(loader)
             return next(batches)
 
-    engine.train()
+    strategy.train_mode()
     while result.step < total:
         t0 = time.perf_counter()
         loss_sum: Any = 0.0  # a device tensor after the first micro-batch: no host sync per micro-batch
@@ -166,9 +162,9 @@ def _train_steps(job: _Job, result: LoopResult, on_step, on_checkpoint, stop_aft
         for _ in range(accum):
             batch = next_batch()
             tokens += task.count_tokens(batch)  # on the host batch, before it moves
-            loss = task.loss(engine, strategy.to_device(batch))
-            engine.backward(loss)
-            engine.step()
+            loss = task.loss(strategy, strategy.to_device(batch))
+            strategy.backward(loss)
+            strategy.step()
             loss_sum = loss_sum + loss.detach().float()
         result.step += 1
         totals = _step_totals(strategy, loss_sum, accum, tokens, loader.skipped, job.world)
@@ -177,10 +173,10 @@ def _train_steps(job: _Job, result: LoopResult, on_step, on_checkpoint, stop_aft
         metrics = {"loss": totals.loss, "epoch": loader.epoch,
                    "samples_per_s": cfg.stage.global_batch_size / elapsed,
                    "tokens_per_s": totals.tokens / elapsed}
-        norm = engine.get_global_grad_norm()  # cached by the optimizer step: no collective
+        norm = strategy.grad_norm()
         if norm is not None:
-            metrics["grad_norm"] = float(norm)
-        metrics.update({f"lr/{k}": v for k, v in strategy.group_lrs(engine).items()})
+            metrics["grad_norm"] = norm
+        metrics.update({f"lr/{k}": v for k, v in strategy.group_lrs().items()})
         # summed over ranks (every rank reads other shards): the job's bad samples, not rank 0's
         metrics.update({f"data/skipped_{k}": v for k, v in totals.skipped.items() if v})
         window = job.skips.update(result.step, result.step * cfg.stage.global_batch_size, totals.skipped)
@@ -194,7 +190,7 @@ def _train_steps(job: _Job, result: LoopResult, on_step, on_checkpoint, stop_aft
         if on_step and rank == 0:
             on_step({"step": result.step, "total": total, **metrics})
         if result.step % cfg.train.checkpoint_every_steps == 0 or result.step == total:
-            path = _save(cfg, strategy, engine, job.processor, loader, result, rank, job.world, job.skips)
+            path = _save(cfg, strategy, job.processor, loader, result, rank, job.world, job.skips)
             result.checkpoints.append(path)
             if rank == 0:
                 job.tracker.set_tag(f"{CHECKPOINT_TAG}{result.step}", path)
@@ -221,9 +217,9 @@ def quiet_library_warnings() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.distributed")
 
 
-def _restore(strategy, engine, loader, skips, path: str, rank: int, result: LoopResult) -> None:
+def _restore(strategy, loader, skips, path: str, rank: int, result: LoopResult) -> None:
     local = _localize_for_read(path)
-    strategy.load(engine, f"{local}/ds")
+    strategy.load(f"{local}/ds")
     loader.load_state_dict(ckpt.read_json(f"{path}/loader/rank_{rank}.json"))
     ckpt.set_rng_state(ckpt.read_json(f"{path}/rng/rank_{rank}.json"))
     state = ckpt.read_json(f"{path}/trainer_state.json")
@@ -241,7 +237,7 @@ def _localize_for_read(path: str) -> str:
     return tmp
 
 
-def _save(cfg: TrainJobConfig, strategy, engine, processor, loader, result: LoopResult, rank: int,
+def _save(cfg: TrainJobConfig, strategy, processor, loader, result: LoopResult, rank: int,
           world: int, skips=None) -> str:
     """Every rank writes its part; after a barrier rank 0 writes the marker, then prunes old ones."""
     storage_path, run = cfg.train.storage_path, cfg.train.run_name
@@ -249,12 +245,13 @@ def _save(cfg: TrainJobConfig, strategy, engine, processor, loader, result: Loop
     remote = storage.is_remote(final)
     local = tempfile.mkdtemp(prefix="aov-ckpt-") if remote else final
     os.makedirs(local, exist_ok=True)
-    strategy.save(engine, f"{local}/ds")
+    strategy.save(f"{local}/ds")
     os.makedirs(f"{local}/loader", exist_ok=True)
     os.makedirs(f"{local}/rng", exist_ok=True)
     ckpt.write_json(f"{local}/loader/rank_{rank}.json", loader.state_dict())
     ckpt.write_json(f"{local}/rng/rank_{rank}.json", ckpt.rng_state())
-    state_dict = strategy.consolidated_state_dict(engine) if cfg.train.export_hf_in_checkpoints else None
+    if cfg.train.export_hf_in_checkpoints:
+        strategy.save_hf(f"{local}/hf", processor)  # collective; rank 0 writes
     if rank == 0:
         ckpt.write_json(f"{local}/trainer_state.json", {"step": result.step, "losses": result.losses,
                                                         "epoch": loader.epoch, "world_size": world,
@@ -262,9 +259,6 @@ def _save(cfg: TrainJobConfig, strategy, engine, processor, loader, result: Loop
         # the job's resolved config: aov-export rebuilds the model from it (no hf/ needed)
         # (redacted: a secret-looking key, e.g. a judge API key, must not land in storage)
         storage.write_bytes(f"{local}/{ckpt.CONFIG_FILE}", _safe_yaml(cfg).encode())
-        if state_dict is not None:
-            engine.module.save_pretrained(f"{local}/hf", state_dict=state_dict, safe_serialization=True)
-            processor.save_pretrained(f"{local}/hf")
     if remote:  # each rank uploads what it wrote; a failed upload fails the step before any marker
         try:
             _upload(local, final, rank)

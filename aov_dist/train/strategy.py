@@ -74,6 +74,7 @@ class DeepSpeedStrategy:
         self.device = device if device is not None else devices.worker_device(cfg.cluster.use_gpu)
         self._collective_device: Optional[torch.device] = None
         self.optimizer_name = ""
+        self.engine = None  # the DeepSpeed engine (initialize); nothing outside this class touches it
         self._hf_ds_config = None  # must stay referenced while the model is built under zero.Init
 
     @property
@@ -203,49 +204,99 @@ class DeepSpeedStrategy:
                                         st.warmup_ratio, st.min_lr_ratio)
             return torch.optim.lr_scheduler.LambdaLR(opt, fn)
 
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
-                                               config=self.ds_config())
-        install_safe_checkpoint_engine(engine)
-        return engine
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
+                                                    config=self.ds_config())
+        install_safe_checkpoint_engine(self.engine)
+        return self.engine
 
-    @staticmethod
-    def group_lrs(engine) -> dict[str, float]:
-        return {g.get("name", str(i)): g["lr"] for i, g in enumerate(engine.optimizer.param_groups)}
+    # ------------------------------------------------------------------- a training step
+    def train_mode(self) -> None:
+        self.engine.train()
 
-    @staticmethod
-    def save(engine, directory: str) -> None:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The model's forward through the engine (ZeRO-3's per-micro-step bookkeeping, bf16)."""
+        return self.engine(*args, **kwargs)
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Another model method (e.g. ``expert_forward``) through the engine: see ``engine_call``."""
+        return engine_call(self.engine, method, *args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> None:
+        """DeepSpeed's step after every micro-batch: it applies the optimizer at accumulation boundaries."""
+        self.engine.step()
+
+    def grad_norm(self) -> Optional[float]:
+        """The last optimizer step's global gradient norm (cached by DeepSpeed: no collective)."""
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def group_lrs(self) -> dict[str, float]:
+        return {g.get("name", str(i)): g["lr"] for i, g in enumerate(self.engine.optimizer.param_groups)}
+
+    def numel(self) -> int:
+        """Parameters of the model (under ZeRO-3 a partitioned parameter keeps its size in ds_numel)."""
+        return sum(int(getattr(p, "ds_numel", p.numel())) for p in self.engine.module.parameters())
+
+    # -------------------------------------------------------------------- save and load
+    def save(self, directory: str) -> None:
         """Every rank writes its own partitions (collective)."""
-        engine.save_checkpoint(directory, tag="state", save_latest=False)
+        self.engine.save_checkpoint(directory, tag="state", save_latest=False)
 
-    @staticmethod
-    def load(engine, directory: str) -> None:
+    def load(self, directory: str) -> None:
         """Restore every rank's state; DeepSpeed's files go through the safe checkpoint engine."""
-        if not isinstance(engine.checkpoint_engine, safe_checkpoint_engine_class()):
+        if not isinstance(self.engine.checkpoint_engine, safe_checkpoint_engine_class()):
             raise RuntimeError("refusing to load a DeepSpeed checkpoint without the safe checkpoint engine "
                                "(build the engine with DeepSpeedStrategy.initialize)")
-        path, _ = engine.load_checkpoint(directory, tag="state", load_module_strict=True,
-                                         load_optimizer_states=True, load_lr_scheduler_states=True)
+        path, _ = self.engine.load_checkpoint(directory, tag="state", load_module_strict=True,
+                                              load_optimizer_states=True, load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint state under {directory!r}")
 
-    def consolidated_state_dict(self, engine) -> Optional[dict[str, torch.Tensor]]:
+    def consolidated_state_dict(self) -> Optional[dict[str, torch.Tensor]]:
         """Full weights on rank 0, in host memory (collective under ZeRO-3; None on other ranks)."""
         if self.zero3:
-            return engine._zero3_consolidated_16bit_state_dict()
-        if engine.global_rank == 0:
-            return {k: v.detach().to("cpu", copy=True) for k, v in engine.module.state_dict().items()}
+            return self.engine._zero3_consolidated_16bit_state_dict()
+        if self.engine.global_rank == 0:
+            return {k: v.detach().to("cpu", copy=True) for k, v in self.engine.module.state_dict().items()}
         return None
 
+    def save_hf(self, directory: str, processor: Any) -> None:
+        """The consolidated model + processor as an HF folder, written by rank 0 (collective)."""
+        state = self.consolidated_state_dict()
+        if self.engine.global_rank == 0:
+            self.engine.module.save_pretrained(directory, state_dict=state, safe_serialization=True)
+            processor.save_pretrained(directory)
+
+    @staticmethod
+    def state_dict_from_shards(ds_dir: str) -> dict[str, torch.Tensor]:
+        """Full fp32 weights from every rank's ZeRO files of a local ``ds/`` folder. DeepSpeed's
+        reader unpickles with weights_only=False: every file is safe-loaded first, so a tampered
+        checkpoint is refused before that reader touches it."""
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        verify_ds_checkpoint(ds_dir)
+        return get_fp32_state_dict_from_zero_checkpoint(ds_dir, tag="state")
+
+    # ------------------------------------------------------------------ full parameters
     @contextlib.contextmanager
-    def gathered(self, module: nn.Module):
-        """Full parameters of ``module`` on every rank for a read-only use (e.g. a probe forward)."""
-        if not self.zero3:
+    def gathered(self, module: nn.Module, modify: bool = False):
+        """Full parameters of ``module`` on every rank while inside: read-only, or (``modify``) to
+        write them (rank 0's values are then partitioned again). A no-op without ZeRO-3."""
+        params = list(module.parameters())
+        if not any(hasattr(p, "ds_id") for p in params):
             yield
             return
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters(list(module.parameters())):
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None):
             yield
+
+    def gathered_for_update(self, module: nn.Module):
+        """``gathered(module, modify=True)``: what build_model loads weights into under zero.Init."""
+        return self.gathered(module, modify=True)
 
 
 # ---- safe loading of DeepSpeed's own checkpoint files (ds/) ----

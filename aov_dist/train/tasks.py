@@ -1,9 +1,10 @@
 """What a stage trains: its model, its data stream and its loss. The loop around them is shared.
 
-A task is any object with ``stage``, ``build_model(cfg)``, ``build_loader(cfg, processor, rank,
-world)``, ``count_tokens(batch) -> int`` (read on the host batch, before it moves to the device)
-and ``loss(engine, batch) -> loss`` (the batch is already on the engine's device: the loop moved
-it); tests swap in their own (e.g. a loader that hands every world size the same global batches).
+A task is any object with ``stage``, ``build_model(cfg, gather=None)``, ``build_loader(cfg,
+processor, rank, world)``, ``count_tokens(batch) -> int`` (read on the host batch, before it
+moves to the device) and ``loss(strategy, batch) -> loss`` (the batch is already on the engine's
+device: the loop moved it; the model runs through ``strategy.forward`` / ``strategy.call``); tests
+swap in their own (e.g. a loader that hands every world size the same global batches).
 """
 from __future__ import annotations
 
@@ -52,10 +53,10 @@ def model_config_for(cfg: TrainJobConfig) -> ModelConfig:
 class _ModelTask:
     stage = ""
 
-    def build_model(self, cfg: TrainJobConfig):
+    def build_model(self, cfg: TrainJobConfig, gather=None):
         from aov_dist.model import build_model
 
-        return build_model(model_config_for(cfg))
+        return build_model(model_config_for(cfg), gather)
 
     def transform(self, processor: Any, cfg: TrainJobConfig):
         raise NotImplementedError
@@ -83,11 +84,9 @@ class Stage1Task(_ModelTask):
 
         return ExpertTransform(processor)
 
-    def loss(self, engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        from aov_dist.train.strategy import engine_call
-
-        # through engine.forward, never engine.module directly: ZeRO-3 accumulation needs its hooks
-        out = engine_call(engine, "expert_forward", batch["pixel_values"], batch["image_grids"])
+    def loss(self, strategy, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        # through the engine's forward, never the module directly: ZeRO-3 accumulation needs its hooks
+        out = strategy.call("expert_forward", batch["pixel_values"], batch["image_grids"])
         return balanced_bce(out.logits, batch["image_labels"])
 
 
@@ -101,8 +100,8 @@ class Stage2Task(_ModelTask):
 
         return ConversationTransform(processor, cfg.data.max_length)
 
-    def loss(self, engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return engine(**batch).loss
+    def loss(self, strategy, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return strategy.forward(**batch).loss
 
 
 def make_task(stage: str):
