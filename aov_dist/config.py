@@ -21,7 +21,9 @@ from aov_dist.model.config import ModelConfig
 from aov_dist.tracking.config import TrackingConfig
 from aov_dist.train.config import SCHEDULES, STAGES, DeepSpeedConfig, StageConfig, TrainConfig
 
-CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+# The Hydra configs: the repository's conf/, reached through the package (aov_dist/conf links to it
+# in a checkout; a wheel carries the files there), so an installed package finds them too.
+CONF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
 
 
 class ConfigError(ClusterConfigError):

@@ -198,14 +198,14 @@ AUROC = "eval/detection/overall/auroc"  # image-level, over the whole benchmark
 def print_summary(s: DemoSummary) -> None:
     s1, s2 = _last(s.stage1.eval), _last(s.stage2.eval)
 
-    def f(v):
-        return "   -  " if v is None else f"{v:6.3f}"
+    from aov_dist.eval.report import text_table
 
-    _say("\n==================== aov-dist demo: summary ====================")
-    _say(f"{'model':<28}{'detection acc':>14}{'expert AUROC':>14}")
-    _say(f"{'untrained (random init)':<28}{f(s.untrained.get(DET_ACC)):>14}{f(s.untrained.get(AUROC)):>14}")
-    _say(f"{'after stage 1 (expert)':<28}{f(s1.get(DET_ACC)):>14}{f(s1.get(AUROC)):>14}")
-    _say(f"{'after stage 2 (LLM)':<28}{f(s2.get(DET_ACC)):>14}{f(s2.get(AUROC)):>14}")
+    def f(v):
+        return "-" if v is None else f"{v:.3f}"
+
+    rows = [[name, f(m.get(DET_ACC)), f(m.get(AUROC))] for name, m in
+            (("untrained (random init)", s.untrained), ("after stage 1 (expert)", s1), ("after stage 2 (LLM)", s2))]
+    _say("\n" + text_table("aov-dist demo: summary", ["model", "detection acc", "expert AUROC"], rows))
     _say("(detection accuracy: per-class mean, the paper's protocol; chance is 0.5)")
     _say(f"stage 1 loss {s.stage1.losses[0]:.3f} -> {s.stage1.losses[-1]:.3f}; "
          f"stage 2 loss {s.stage2.losses[0]:.3f} -> {s.stage2.losses[-1]:.3f}")

@@ -171,7 +171,7 @@ def role_plain(a: argparse.Namespace, work: Path) -> None:
     import torch
 
     from aov_dist.config import micro_steps_per_step
-    from aov_dist.train.strategy import lr_factor
+    from aov_dist.train.strategy import lr_scheduler
     from aov_dist.train.tasks import balanced_bce, make_task
 
     torch.set_num_threads(1)
@@ -182,8 +182,7 @@ def role_plain(a: argparse.Namespace, work: Path) -> None:
     groups = model.stage_parameter_groups(cfg.stage.name)
     st = cfg.stage
     opt = torch.optim.AdamW([{"params": p, "lr": st.lr[n]} for n, p in groups.items()], weight_decay=st.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(st.schedule, s, st.max_steps, st.max_steps,
-                                                                       st.restart_every_epochs, st.warmup_ratio))
+    sched = lr_scheduler(opt, st, total_steps=st.max_steps, steps_per_epoch=st.max_steps)
     accum = micro_steps_per_step(cfg)
     # rank 0 of 2: exactly the sample stream (and per-step work) one rank of the others gets
     loader = task.build_loader(cfg, processor, 0, cfg.cluster.num_workers)

@@ -42,8 +42,7 @@ def test_make_launch_dry_run_on_h100_puts_no_cpu_accelerator_anywhere():
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "8 node(s) x 8 workers = 64 workers, accelerator=cuda, backend=nccl, max_failures=3" in out
-    cmd = shlex.split(out.split("command: ", 1)[1].strip())
-    env_vars = json.loads(cmd[cmd.index("--runtime-env-json") + 1])["env_vars"]
+    env_vars = json.loads(out.split("request: ", 1)[1])["runtime_env"]["env_vars"]
     assert "DS_ACCELERATOR" not in env_vars  # the driver derives it from cluster=h100 on the cluster
     assert "cpu" not in json.dumps(env_vars).lower()
 

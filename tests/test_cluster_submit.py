@@ -44,15 +44,14 @@ def test_dry_run_shows_exact_train_entrypoint(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert rc == 0
     assert "2 node(s) x 8 workers = 16 workers" in out
-    cmd = shlex.split(out.split("command: ", 1)[1].strip())
-    i = cmd.index("--")
-    # Words after `--` stay separate so `ray job submit` quotes each one (the override with a space).
-    assert cmd[i + 1:] == ["python", "-m", "aov_dist.train", "cluster=a100", "cluster.nodes=2",
-                           "tags=[a, b]", "train.storage_path=s3://b/runs"]
-    assert cmd[cmd.index("--address") + 1] == "http://head:8265"
-    assert cmd[cmd.index("--submission-id") + 1] == "job-1"
-    assert cmd[cmd.index("--working-dir") + 1] == str(ROOT)
-    renv = json.loads(cmd[cmd.index("--runtime-env-json") + 1])
+    assert "-> http://head:8265" in out
+    request = json.loads(out.split("request: ", 1)[1])
+    # Ray runs the entry point through a shell: every word quoted, the override with a space stays one
+    assert shlex.split(request["entrypoint"]) == ["python", "-m", "aov_dist.train", "cluster=a100", "cluster.nodes=2",
+                                                  "tags=[a, b]", "train.storage_path=s3://b/runs"]
+    assert request["submission_id"] == "job-1"
+    renv = request["runtime_env"]
+    assert renv["working_dir"] == str(ROOT)
     assert ".venv/" in renv["excludes"] and "data_shards/" in renv["excludes"]
 
 

@@ -68,14 +68,14 @@ def test_scores_retries_and_malformed(server, monkeypatch):
         "c": [(200, "It is quite good.")],  # no score: malformed, counted
         "d": [(503, ""), (503, ""), (503, "")],  # exhausted retries: error, counted
     }
-    sleeps = []
-    client = JudgeClient(_cfg(server.url, concurrency=1), sleep=sleeps.append)
+    client = JudgeClient(_cfg(server.url, concurrency=1))
     res = client.score_many(["q"] * 4, ["ref"] * 4, ["ANSWER<a>", "ANSWER<b>", "ANSWER<c>", "ANSWER<d>"])
     assert [r.status for r in res] == ["ok", "ok", "malformed", "error"]
     assert [r.score for r in res] == [8.0, 4.0, None, None]
     assert summarize(res) == {"gpt_score": 6.0, "judged": 2, "malformed": 1, "errors": 1}
+    # b retried once; d tried 1 + max_retries times, then counted as an error naming the status
     assert len(server.requests) == 1 + 2 + 1 + 3
-    assert len(sleeps) == 1 + 2  # b retried once; d retried max_retries times
+    assert "503" in res[3].raw
     assert server.requests[0]["model"] == "judge-test" and server.requests[0]["temperature"] == 0
     assert server.headers[0]["Authorization"] == "Bearer sk-test-123"
     prompt = server.requests[0]["messages"][0]["content"]
@@ -97,9 +97,21 @@ def test_non_retryable_http_error_is_counted_not_fatal(server):
 
 
 def test_unreachable_endpoint_is_an_error_after_retries():
-    res = JudgeClient(_cfg("http://127.0.0.1:9/v1", max_tokens=8), sleep=lambda s: None).score_many(
-        ["q"], ["r"], ["a"])
-    assert res[0].status == "error"
+    res = JudgeClient(_cfg("http://127.0.0.1:9/v1", max_tokens=8)).score_many(["q"], ["r"], ["a"])
+    assert res[0].status == "error" and "ConnectionError" in res[0].raw
+
+
+def test_retries_back_off_exponentially_and_honour_retry_after(monkeypatch):
+    from aov_dist.eval.judge import retrying_session
+
+    retry = retrying_session(retries=4, backoff_s=0.5).get_adapter("http://x").max_retries
+    assert retry.total == 4 and retry.backoff_factor == 0.5 and retry.respect_retry_after_header
+    assert set(retry.status_forcelist) == {408, 409, 429, 500, 502, 503, 504}
+    from urllib3.exceptions import ConnectTimeoutError
+
+    once = retry.increment("POST", "/v1", error=ConnectTimeoutError())
+    twice = once.increment("POST", "/v1", error=ConnectTimeoutError())
+    assert (once.get_backoff_time(), twice.get_backoff_time()) == (0.0, 0.5 * 2)  # then x2 per try
 
 
 def test_skipped_without_endpoint(caplog):

@@ -88,6 +88,6 @@ def test_report_shows_published_rows_and_ours():
     text = render(m, label="ckpt")
     assert "Anomaly-OV-7B (paper)" in text and "0.86" in text
     assert PUBLISHED_DETECTION["Anomaly-OV-0.5B"] == (0.79, 0.86, 0.83, 0.82)
-    ours = next(line for line in text.splitlines() if line.startswith("ckpt"))
+    ours = next(line for line in text.splitlines() if line.split() and line.split()[0] == "ckpt")
     assert f"{m['detection']['class_mean']['f1']:.3f}" in ours
     assert not math.isnan(m["detection"]["class_mean"]["precision"])

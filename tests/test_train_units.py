@@ -11,49 +11,54 @@ import pytest
 import torch
 
 from aov_dist.train import checkpoint as ckpt
-from aov_dist.train.strategy import lr_factor
 from aov_dist.train.tasks import balanced_bce
 from aov_dist.tracking.redact import MASK, flatten, redact
 
 
 # ---------------------------------------------------------------- schedules
 
-def _restarts(step: int, spe: int = 10, every: float = 0.5, min_ratio: float = 0.0) -> float:
-    return lr_factor("cosine_restarts", step, total_steps=1000, steps_per_epoch=spe, restart_every_epochs=every,
-                     warmup_ratio=0.0, min_ratio=min_ratio)
+def _lrs(schedule: str, steps: int, total: int = 1000, spe: int = 10, every: float = 0.5, warmup: float = 0.0,
+         min_ratio: float = 0.0) -> list[float]:
+    """The lr factor at optimizer steps 0..steps-1 of a real scheduler (DeepSpeed steps it the same way)."""
+    from aov_dist.train.config import StageConfig
+    from aov_dist.train.strategy import lr_scheduler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    stage = StageConfig(schedule=schedule, restart_every_epochs=every, warmup_ratio=warmup, min_lr_ratio=min_ratio)
+    sched = lr_scheduler(opt, stage, total_steps=total, steps_per_epoch=spe)
+    out = []
+    for _ in range(steps):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
 
 
 def test_cosine_restarts_every_half_epoch():
     # 10 steps per epoch, restart every half epoch -> period 5: 1 at steps 0, 5, 10, 15, ...
-    for s in (0, 5, 10, 15, 20):
-        assert _restarts(s) == pytest.approx(1.0)
-    assert _restarts(2) == pytest.approx(0.5 * (1 + math.cos(math.pi * 2 / 5)))
-    assert _restarts(7) == pytest.approx(_restarts(2))
-    period = [_restarts(s) for s in range(5)]
-    assert period == sorted(period, reverse=True) and period[-1] > 0.0  # decreasing, never reaches 0 within a period
-    assert _restarts(4, min_ratio=0.1) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 4 / 5)))
-    # a period never rounds to 0 steps (tiny epochs)
-    assert _restarts(0, spe=1) == _restarts(1, spe=1) == pytest.approx(1.0)
+    lrs = _lrs("cosine_restarts", 21)
+    assert [lrs[s] for s in (0, 5, 10, 15, 20)] == pytest.approx([1.0] * 5)
+    assert lrs[2] == pytest.approx(0.5 * (1 + math.cos(math.pi * 2 / 5))) and lrs[7] == pytest.approx(lrs[2])
+    assert lrs[:5] == sorted(lrs[:5], reverse=True) and lrs[4] > 0.0  # decreasing, never 0 within a period
+    floored = _lrs("cosine_restarts", 6, min_ratio=0.1)  # the floor transformers' restarts lack: ours
+    assert floored[4] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 4 / 5))) and floored[5] == 1.0
+    assert _lrs("cosine_restarts", 2, spe=1) == pytest.approx([1.0, 1.0])  # a period is never 0 steps
 
 
 def test_warmup_cosine():
-    f = lambda s, mr=0.0: lr_factor("warmup_cosine", s, total_steps=100, steps_per_epoch=100,
-                                    restart_every_epochs=0.5, warmup_ratio=0.03, min_ratio=mr)
-    # ceil(100 * 0.03) = 3 warm-up steps: 1/3, 2/3, 1, then cosine from 1 over the remaining 97 steps
-    assert [f(0), f(1), f(2)] == pytest.approx([1 / 3, 2 / 3, 1.0])
-    assert f(3) == pytest.approx(1.0)
-    assert f(3 + 97 // 2) == pytest.approx(0.5 * (1 + math.cos(math.pi * 48 / 97)))
-    assert f(100) == pytest.approx(0.0, abs=1e-12)
-    assert f(100, mr=0.1) == pytest.approx(0.1)
-    assert f(150) == pytest.approx(0.0, abs=1e-12)  # clamped past the end
-    no_warmup = lr_factor("warmup_cosine", 0, 10, 10, 0.5, warmup_ratio=0.0)
-    assert no_warmup == pytest.approx(1.0)
+    lrs = _lrs("warmup_cosine", 101, total=100, warmup=0.03)
+    # ceil(100 * 0.03) = 3 warm-up steps from 0 (transformers' warm-up), then cosine over the other 97
+    assert lrs[:4] == pytest.approx([0.0, 1 / 3, 2 / 3, 1.0])
+    assert lrs[3 + 97 // 2] == pytest.approx(0.5 * (1 + math.cos(math.pi * 48 / 97)))
+    assert lrs[100] == pytest.approx(0.0, abs=1e-12)
+    assert _lrs("warmup_cosine", 101, total=100, warmup=0.03, min_ratio=0.1)[100] == pytest.approx(0.1)
+    assert _lrs("warmup_cosine", 1, total=10)[0] == pytest.approx(1.0)  # no warm-up: starts at the full lr
 
 
 def test_constant_and_unknown_schedule():
-    assert lr_factor("constant", 7, 10, 10, 0.5, 0.5) == 1.0
+    assert _lrs("constant", 8) == [1.0] * 8
     with pytest.raises(ValueError, match="stage.schedule"):
-        lr_factor("linear", 0, 10, 10, 0.5, 0.0)
+        _lrs("linear", 1)
 
 
 # ---------------------------------------------------------------- checkpoint discovery / pruning

@@ -13,8 +13,10 @@ from omegaconf import OmegaConf
 
 from aov_dist.cluster.config import ClusterConfig, ClusterConfigError, to_cluster_config
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CONF_DIR = REPO_ROOT / "conf"
+from aov_dist.config import CONF_DIR as _CONF_DIR
+
+REPO_ROOT = Path(__file__).resolve().parents[2]  # the working directory a submitted job uploads
+CONF_DIR = Path(_CONF_DIR)
 _SCHEMA_NAME = "aov_cluster_only_schema"
 
 

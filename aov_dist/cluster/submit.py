@@ -1,12 +1,13 @@
-"""Submit training, the evaluation watcher or the cluster probe to a Ray cluster (`ray job submit`).
+"""Submit training, the evaluation watcher or the cluster probe to a Ray cluster (Ray's Jobs API).
 
     python launch/submit.py train --nodes 2 --cluster h100 -- stage=stage2 train.storage_path=s3://b/runs
     python launch/submit.py eval  --nodes 1 --cluster h100 -- tracking.uri=http://mlflow:5000
     python launch/submit.py probe --nodes 2 --cluster local -- cluster.workers_per_node=1 --storage /nfs/x
 
-The cluster is RAY_ADDRESS (the head's dashboard, http://<head>:8265) or --address. The repo is
-uploaded as the job's working directory (virtualenv, data and run outputs excluded); the image
-on the cluster provides the packages. Only non-secret environment variables travel in the
+The cluster is RAY_ADDRESS (the head's dashboard, http://<head>:8265) or --address; the job goes
+in through ``ray.job_submission.JobSubmissionClient``. The repo is uploaded as the job's working
+directory (virtualenv, data and run outputs excluded); the image on the cluster provides the
+packages. Only non-secret environment variables travel in the
 runtime env, which anyone with dashboard access can read: credentials must already be in the
 nodes' environment (Kubernetes Secrets, instance roles).
 """
@@ -16,7 +17,6 @@ import argparse
 import json
 import os
 import secrets
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -83,18 +83,13 @@ def new_submission_id(kind: str) -> str:
     return f"aov-{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 
-def ray_cli() -> str:
-    candidate = Path(sys.executable).parent / "ray"
-    return str(candidate) if candidate.exists() else "ray"
-
-
-def submit_command(address: str, submission_id: str, entrypoint: Sequence[str], env: dict,
-                   working_dir: Path = REPO_ROOT) -> list[str]:
-    # The words go after `--` one by one: `ray job submit` shell-quotes each (shlex.join), so an
-    # override holding spaces or brackets reaches the app as one argument.
-    return [ray_cli(), "job", "submit", "--address", address, "--submission-id", submission_id,
-            "--working-dir", str(working_dir), "--runtime-env-json", json.dumps(env), "--no-wait",
-            "--", *entrypoint]
+def job_request(submission_id: str, entrypoint: Sequence[str], env: dict,
+                working_dir: Path = REPO_ROOT) -> dict:
+    """The arguments of ``JobSubmissionClient.submit_job``. Ray runs the entry point through a
+    shell: every word is quoted (shlex.join), so an override holding spaces or brackets reaches
+    the app as one argument."""
+    return {"entrypoint": ep.as_shell(entrypoint), "submission_id": submission_id,
+            "runtime_env": {**env, "working_dir": str(working_dir)}}
 
 
 def follow_hint(submission_id: str, address: str) -> str:
@@ -143,18 +138,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"  The job would run: {ep.as_shell(entrypoint)}", file=sys.stderr)
         return 2
     sid = args.submission_id or new_submission_id(args.kind)
-    cmd = submit_command(address or "$RAY_ADDRESS", sid, entrypoint, env)
+    request = job_request(sid, entrypoint, env)
     summary = (f"aov-{args.kind} job {sid!r} -> {address or '$RAY_ADDRESS'}: cluster={cfg.name}, "
                f"{cfg.nodes} node(s) x {cfg.workers_per_node} workers = {cfg.num_workers} workers, "
                f"accelerator={accelerator}, backend={cfg.backend}, max_failures={cfg.max_failures}\n"
                f"  entry point: {ep.as_shell(entrypoint)}")
     if args.dry_run:
-        print(f"[dry run] {summary}\n  command: {ep.as_shell(cmd)}")
+        print(f"[dry run] {summary}\n  request: {json.dumps(request, sort_keys=True)}")
         return 0
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        print(f"`ray job submit` failed (exit {proc.returncode}):\n{proc.stdout}{proc.stderr}", file=sys.stderr)
-        return proc.returncode
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        JobSubmissionClient(address).submit_job(**request)
+    except Exception as e:  # unreachable head, refused runtime env, a duplicate submission id...
+        print(f"submitting to {address} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
     print(f"Submitted {summary}\n{follow_hint(sid, address)}")
     return 0
 

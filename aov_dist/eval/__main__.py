@@ -19,10 +19,10 @@ from typing import Optional
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from aov_dist.config import CONF_DIR
 from aov_dist.eval.config import EvalAppConfig, EvalConfig, register_configs, validate
 
 log = logging.getLogger("aov_dist.eval")
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 _EVAL_KEYS = {f.name for f in dataclasses.fields(EvalConfig)}
 _INERT_HYDRA = ["hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging=stdout",
                 "hydra/hydra_logging=none"]

@@ -6,8 +6,9 @@ aov_dist/eval/prompts/gpt_score.txt, documented in docs/evaluation.md) and must 
   * ok        - a score was parsed;
   * malformed - the endpoint answered but no score in 0..10 could be read (counted, not fatal);
   * error     - the request failed after all retries (counted, not fatal).
-Transient failures (connection errors, timeouts, HTTP 408/409/429/5xx) are retried with
-exponential backoff; other HTTP errors (401, 404, ...) are not retried.
+Transient failures (connection errors, timeouts, HTTP 408/409/429/5xx) are retried by the HTTP
+client itself (urllib3's ``Retry`` on the requests session: exponential backoff, a server's
+Retry-After honoured); other HTTP errors (401, 404, ...) are not retried.
 GPT-Score = mean of the ok scores on the 0-10 scale.
 """
 from __future__ import annotations
@@ -15,13 +16,14 @@ from __future__ import annotations
 import logging
 import os
 import re
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
 
 from aov_dist.eval.config import JudgeConfig
 
@@ -50,12 +52,21 @@ def parse_score(text: str) -> Optional[float]:
     return value if 0.0 <= value <= MAX_SCORE else None
 
 
-class _Transient(Exception):
-    pass
+def retrying_session(retries: int, backoff_s: float, status: Sequence[int] = tuple(_RETRY_STATUS)) -> requests.Session:
+    """A requests session whose POSTs urllib3 retries: connection errors, read timeouts and the
+    ``status`` codes, ``retries`` times: the first retry at once, then after backoff_s x 2, x 4, ..."""
+    retry = Retry(total=retries, connect=retries, read=retries, status=retries, other=0,
+                  status_forcelist=status, allowed_methods=frozenset({"POST"}), backoff_factor=backoff_s,
+                  raise_on_status=False, respect_retry_after_header=True)
+    session = requests.Session()
+    adapter = HTTPAdapter(max_retries=retry)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
 
 
 class JudgeClient:
-    def __init__(self, cfg: JudgeConfig, sleep: Callable[[float], None] = time.sleep):
+    def __init__(self, cfg: JudgeConfig):
         if not cfg.base_url:
             raise ValueError("eval.judge.base_url is not set: no judge endpoint configured")
         self.cfg = cfg
@@ -64,8 +75,7 @@ class JudgeClient:
         for key in ("{question}", "{reference}", "{answer}"):
             if key not in self.template:
                 raise ValueError(f"judge prompt {cfg.prompt_file or DEFAULT_PROMPT} lacks the field {key}")
-        self._sleep = sleep
-        self._session = requests.Session()
+        self._session = retrying_session(cfg.max_retries, cfg.backoff_s)
 
     def _headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json"}
@@ -79,37 +89,18 @@ class JudgeClient:
         return (self.template.replace("{question}", question)
                 .replace("{reference}", reference).replace("{answer}", answer))
 
-    def _post(self, content: str) -> str:
-        body = {"model": self.cfg.model, "temperature": 0, "max_tokens": self.cfg.max_tokens,
-                "messages": [{"role": "user", "content": content}]}
-        try:
-            r = self._session.post(self.url, json=body, headers=self._headers(), timeout=self.cfg.timeout_s)
-        except (requests.ConnectionError, requests.Timeout) as e:
-            raise _Transient(f"{type(e).__name__}: {e}") from e
-        if r.status_code in _RETRY_STATUS:
-            raise _Transient(f"HTTP {r.status_code}")
-        r.raise_for_status()
-        return r.json()["choices"][0]["message"]["content"] or ""
-
     def score_one(self, question: str, reference: str, answer: str) -> JudgeResult:
-        content = self.prompt(question, reference, answer)
-        delay = self.cfg.backoff_s
-        for attempt in range(self.cfg.max_retries + 1):
-            try:
-                text = self._post(content)
-            except _Transient as e:
-                if attempt == self.cfg.max_retries:
-                    return JudgeResult(None, "error", str(e))
-                log.warning("judge: %s; retry %d/%d in %.1fs", e, attempt + 1, self.cfg.max_retries, delay)
-                self._sleep(delay)
-                delay *= 2
-                continue
-            except (requests.HTTPError, KeyError, IndexError, TypeError, ValueError) as e:
-                # a non-retryable HTTP status or an answer that is not a chat completion
-                return JudgeResult(None, "error", f"{type(e).__name__}: {e}")
-            score = parse_score(text)
-            return JudgeResult(score, "ok" if score is not None else "malformed", text)
-        raise AssertionError("unreachable")
+        body = {"model": self.cfg.model, "temperature": 0, "max_tokens": self.cfg.max_tokens,
+                "messages": [{"role": "user", "content": self.prompt(question, reference, answer)}]}
+        try:  # the session retries transient failures (retrying_session)
+            r = self._session.post(self.url, json=body, headers=self._headers(), timeout=self.cfg.timeout_s)
+            r.raise_for_status()
+            text = r.json()["choices"][0]["message"]["content"] or ""
+        except (requests.RequestException, KeyError, IndexError, TypeError, ValueError) as e:
+            # retries exhausted, a non-retryable HTTP status, or an answer that is not a chat completion
+            return JudgeResult(None, "error", f"{type(e).__name__}: {e}")
+        score = parse_score(text)
+        return JudgeResult(score, "ok" if score is not None else "malformed", text)
 
     def score_many(self, questions: Sequence[str], references: Sequence[str],
                    answers: Sequence[str]) -> list[JudgeResult]:

@@ -35,18 +35,18 @@ def is_yes(reply: str) -> bool:
 
 
 def binary_scores(y_true: Sequence[bool], y_pred: Sequence[bool]) -> dict[str, float]:
-    """accuracy / precision / recall / f1 of the positive (anomalous) class, zero_division=0."""
+    """accuracy / precision / recall / f1 of the positive (anomalous) class (scikit-learn,
+    zero_division=0)."""
+    from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+
     t = np.asarray(y_true, dtype=bool)
     p = np.asarray(y_pred, dtype=bool)
     if t.shape != p.shape or t.size == 0:
         raise ValueError(f"binary_scores: need equally long non-empty inputs, got {t.size} and {p.size}")
-    tp = int(np.sum(t & p))
-    fp = int(np.sum(~t & p))
-    fn = int(np.sum(t & ~p))
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"accuracy": float(np.mean(t == p)), "precision": precision, "recall": recall, "f1": f1}
+    precision, recall, f1, _ = precision_recall_fscore_support(t, p, average="binary", pos_label=True,
+                                                               zero_division=0)
+    return {"accuracy": float(accuracy_score(t, p)), "precision": float(precision), "recall": float(recall),
+            "f1": float(f1)}
 
 
 def auroc(y_true: Sequence[bool], scores: Sequence[float]) -> Optional[float]:

@@ -1,7 +1,7 @@
 """Results table next to the published VisA-D&R detection rows (Xu et al., CVPR 2025)."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 # Accuracy / precision / recall / F1, per class then averaged over the 10 VisA classes.
 PUBLISHED_DETECTION: dict[str, tuple[float, float, float, float]] = {
@@ -16,41 +16,44 @@ def _fmt(v: Optional[float], digits: int = 3) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
+def text_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]], width: int = 100) -> str:
+    """A plain-text table (rich, no colours): first column left-aligned, the others right."""
+    import io
+
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for i, col in enumerate(columns):
+        table.add_column(col, justify="left" if i == 0 else "right", no_wrap=True)
+    for row in rows:
+        table.add_row(*row)
+    out = io.StringIO()
+    Console(file=out, width=width, color_system=None, highlight=False).print(table)
+    return out.getvalue().rstrip()
+
+
 def detection_table(metrics: dict[str, Any], label: str = "this checkpoint") -> str:
     cols = ("accuracy", "precision", "recall", "f1")
     det = metrics.get("detection")
-    names = [f"{k} (paper)" for k in PUBLISHED_DETECTION]
-    classes = [f"  {c}" for c in (det or {}).get("per_class", {})]
-    width = max(len(label), len("VisA-D&R detection"), *(len(n) for n in names + classes)) + 2
-    lines = [f"{'VisA-D&R detection':<{width}} {'Acc':>6} {'Prec':>6} {'Rec':>6} {'F1':>6} {'AUROC':>6}"]
-    lines.append("-" * len(lines[0]))
-    for name, row in PUBLISHED_DETECTION.items():
-        lines.append(f"{name + ' (paper)':<{width}} " + " ".join(f"{v:>6.2f}" for v in row) + f" {'-':>6}")
+    rows = [[f"{name} (paper)", *(f"{v:.2f}" for v in row), "-"] for name, row in PUBLISHED_DETECTION.items()]
     if det:
-        cm = det["class_mean"]
-        lines.append(f"{label:<{width}} " + " ".join(f"{_fmt(cm[c]):>6}" for c in cols)
-                     + f" {_fmt(cm.get('auroc')):>6}")
-        ov = det["overall"]
-        lines.append(f"{'  (pooled, n=' + str(ov['n']) + ')':<{width}} "
-                     + " ".join(f"{_fmt(ov[c]):>6}" for c in cols) + f" {_fmt(ov.get('auroc')):>6}")
-        lines.append("per class:")
-        for c, m in det["per_class"].items():
-            lines.append(f"{'  ' + c:<{width}} " + " ".join(f"{_fmt(m[k]):>6}" for k in cols)
-                         + f" {_fmt(m.get('auroc')):>6}")
-    return "\n".join(lines)
+        cm, ov = det["class_mean"], det["overall"]
+        rows.append([label, *(_fmt(cm[c]) for c in cols), _fmt(cm.get("auroc"))])
+        rows.append([f"  (pooled, n={ov['n']})", *(_fmt(ov[c]) for c in cols), _fmt(ov.get("auroc"))])
+        rows += [[f"  {c}", *(_fmt(m[k]) for k in cols), _fmt(m.get("auroc"))] for c, m in det["per_class"].items()]
+    return text_table("VisA-D&R detection (class means; per class below ours)",
+                      ["model", "Acc", "Prec", "Rec", "F1", "AUROC"], rows)
 
 
 def reasoning_table(metrics: dict[str, Any]) -> str:
     rea = metrics.get("reasoning")
     if not rea:
         return ""
-    lines = [f"{'VisA-D&R reasoning':<20} {'n':>5} {'ROUGE-L':>8} {'SBERT':>7} {'GPT-Score':>10}"]
-    lines.append("-" * len(lines[0]))
-    for kind, g in rea.items():
-        gpt = g.get("gpt_score") if "gpt_score" in g else None
-        gpt_txt = _fmt(gpt, 2) if "gpt_score" in g else "skipped"
-        lines.append(f"{kind:<20} {g['n']:>5} {_fmt(g['rouge_l']):>8} {_fmt(g['sbert']):>7} {gpt_txt:>10}")
-    return "\n".join(lines)
+    rows = [[kind, str(g["n"]), _fmt(g["rouge_l"]), _fmt(g["sbert"]),
+             _fmt(g.get("gpt_score"), 2) if "gpt_score" in g else "skipped"] for kind, g in rea.items()]
+    return text_table("VisA-D&R reasoning", ["questions", "n", "ROUGE-L", "SBERT", "GPT-Score"], rows)
 
 
 def render(metrics: dict[str, Any], label: str = "this checkpoint", notes: Optional[list[str]] = None) -> str:

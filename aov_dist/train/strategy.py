@@ -19,27 +19,42 @@ from aov_dist import devices
 log = logging.getLogger(__name__)
 
 
-def lr_factor(schedule: str, step: int, total_steps: int, steps_per_epoch: int, restart_every_epochs: float,
-              warmup_ratio: float, min_ratio: float = 0.0) -> float:
-    """Multiplier of the base learning rate at optimizer step ``step`` (0-based).
+def lr_scheduler(optimizer: torch.optim.Optimizer, stage: Any, total_steps: int, steps_per_epoch: int):
+    """The stage's learning-rate schedule, from transformers' schedulers where they have it.
 
-    cosine_restarts: cosine from 1 to min_ratio, restarting every ``restart_every_epochs`` epochs
-    (stage 1: every half epoch). warmup_cosine: linear warm-up over warmup_ratio of the run, then
-    cosine to min_ratio (stage 2). constant: 1.
+    warmup_cosine: linear warm-up over ``warmup_ratio`` of the run, then cosine to 0
+    (``cosine``) or to ``min_lr_ratio`` (``cosine_with_min_lr``). cosine_restarts: cosine from 1
+    to 0, restarting every ``restart_every_epochs`` epochs (stage 1: every half epoch), transformers'
+    ``cosine_with_restarts`` with that many cycles; with ``min_lr_ratio`` > 0 (a floor transformers'
+    restarts lack) our own LambdaLR. constant: 1.
     """
-    if schedule == "constant":
-        return 1.0
-    if schedule == "cosine_restarts":
-        period = max(1, round(steps_per_epoch * restart_every_epochs))
-        phase = (step % period) / period
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * phase))
-    if schedule == "warmup_cosine":
-        warmup = math.ceil(total_steps * warmup_ratio)
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    raise ValueError(f"stage.schedule: unknown schedule {schedule!r}")
+    from transformers import get_scheduler
+
+    warmup = math.ceil(total_steps * stage.warmup_ratio)
+    if stage.schedule == "constant":
+        return get_scheduler("constant", optimizer)
+    if stage.schedule == "warmup_cosine":
+        if stage.min_lr_ratio > 0:
+            return get_scheduler("cosine_with_min_lr", optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
+                                 scheduler_specific_kwargs={"min_lr_rate": stage.min_lr_ratio})
+        return get_scheduler("cosine", optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    if stage.schedule == "cosine_restarts":
+        period = max(1, round(steps_per_epoch * stage.restart_every_epochs))
+        if stage.min_lr_ratio == 0:
+            # transformers counts cycles over the steps after the warm-up: one every `period` steps
+            return get_scheduler("cosine_with_restarts", optimizer, num_warmup_steps=warmup,
+                                 num_training_steps=total_steps,
+                                 scheduler_specific_kwargs={"num_cycles": max(1e-9, (total_steps - warmup) / period)})
+        floor = stage.min_lr_ratio
+
+        def restarts_with_floor(step: int) -> float:
+            if step < warmup:
+                return step / warmup
+            phase = ((step - warmup) % period) / period
+            return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * phase))
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, restarts_with_floor)
+    raise ValueError(f"stage.schedule: unknown schedule {stage.schedule!r}")
 
 
 def engine_call(engine, method: str, *args, **kwargs):
@@ -198,12 +213,7 @@ class DeepSpeedStrategy:
         param_groups = [{"params": params, "lr": st.lr[name], "name": name, "weight_decay": st.weight_decay}
                         for name, params in groups.items()]
         optimizer = self.make_optimizer(param_groups)
-
-        def schedule(opt):
-            fn = lambda step: lr_factor(st.schedule, step, total_steps, steps_per_epoch, st.restart_every_epochs,
-                                        st.warmup_ratio, st.min_lr_ratio)
-            return torch.optim.lr_scheduler.LambdaLR(opt, fn)
-
+        schedule = functools.partial(lr_scheduler, stage=st, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                                     config=self.ds_config())
         install_safe_checkpoint_engine(self.engine)
