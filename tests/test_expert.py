@@ -18,7 +18,7 @@ from aov_dist.model.expert import (
 
 TINY = ExpertDims(vision_dim=12, grid=5, embed_dim=8, pool=2, num_levels=4, logit_scale=100.0)
 
-# The keys and shapes of the released pretrained_expert_{05b,7b}.pth (DESIGN.md §1).
+# The keys and shapes of the released pretrained_expert_{05b,7b}.pth.
 OFFICIAL_SHAPES = {
     "positive_embedding": (1, 512),
     "negative_embedding": (1, 512),

@@ -7,7 +7,7 @@ batch, never on which worker ran it or how many there were.
 
 Reuse: a ``WorkerPool`` keeps its actors (processes with torch, transformers and Ray already
 imported) across evaluations and only tells them to load the next checkpoint: starting actors
-cost 7-14 s per evaluation on 2 shared cores (issue 8; docs/benchmarks.md), a reload far less.
+cost 7-14 s per evaluation on 2 shared cores (docs/benchmarks.md), a reload far less.
 Its actors hold their CPUs (and GPUs) while alive: the caller closes it before training needs them.
 """
 from __future__ import annotations

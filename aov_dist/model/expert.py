@@ -1,4 +1,4 @@
-"""The Anomaly-OV anomaly expert: Look-Twice Feature Matching (LTFM), DESIGN.md §1 steps 1-6.
+"""The Anomaly-OV anomaly expert: Look-Twice Feature Matching (LTFM, Xu et al., CVPR 2025).
 
 Input per view (base view + crops of every image): the last-layer SigLIP features and
 `num_levels` intermediate levels, all [V, grid*grid, vision_dim]. Output: four anomaly tokens

@@ -9,7 +9,7 @@ what overflows the buffer is dropped and counted, with one warning.
 ``make_tracker`` wraps rank 0's tracker in a ``BackgroundTracker``: the training step only puts the
 call on a bounded queue (metric timestamps are taken at the call, i.e. at the step's end) and one
 daemon thread sends them in call order, merging the metric rows that queued up meanwhile into one
-``log_batch``. A synchronous sqlite write per step cost the step its duration (issue 8).
+``log_batch``. A synchronous sqlite write per step cost the step its duration (docs/benchmarks.md).
 """
 from __future__ import annotations
 
