@@ -44,10 +44,9 @@ class DataConfig:
     max_length: int = 2048
     # skip: skip-and-count bad samples; fail: raise naming shard and key
     on_error: str = "skip"
-    # Skipped samples (any reason, all ranks) per window of skip_window samples read: a warning
-    # above max_skip_fraction, a failure naming the key to change above fail_skip_fraction.
-    max_skip_fraction: float = 0.01
-    fail_skip_fraction: float = 0.10
+    # Skipped samples (any reason, all ranks) are judged per window of skip_window samples read:
+    max_skip_fraction: float = 0.01  # above it, a warning naming what to change
+    fail_skip_fraction: float = 0.10  # above it, every rank stops naming the key to change
     skip_window: int = 1000
     # images whose width or height is smaller than this are treated as corrupt (1x1 placeholders)
     min_image_side: int = 2
@@ -62,33 +61,26 @@ class DataConfig:
         if not self.datasets:
             raise ValueError("data.datasets: at least one dataset is required")
         names = [d.name for d in self.datasets]
-        if len(set(names)) != len(names):
-            raise ValueError(f"data.datasets: dataset names must be unique, got {names}")
+        _require(len(set(names)) == len(names), "datasets", f"dataset names must be unique, got {names}")
         for i, d in enumerate(self.datasets):
-            if not d.manifest:
-                raise ValueError(f"data.datasets[{i}].manifest: empty (dataset {d.name!r})")
-            if not d.weight > 0:
-                raise ValueError(f"data.datasets[{i}].weight: must be > 0, got {d.weight} "
-                                 f"(dataset {d.name!r})")
-        if self.micro_batch_size < 1:
-            raise ValueError(f"data.micro_batch_size: must be >= 1, got {self.micro_batch_size}")
-        if self.num_workers < 0:
-            raise ValueError(f"data.num_workers: must be >= 0, got {self.num_workers}")
-        if self.shuffle_buffer < 1:
-            raise ValueError(f"data.shuffle_buffer: must be >= 1, got {self.shuffle_buffer}")
-        if self.on_error not in ON_ERROR_CHOICES:
-            raise ValueError(f"data.on_error: must be one of {ON_ERROR_CHOICES}, "
-                             f"got {self.on_error!r}")
-        if self.mp_context not in (None, "fork", "spawn", "forkserver"):
-            raise ValueError(f"data.mp_context: must be null, fork, spawn or forkserver, "
-                             f"got {self.mp_context!r}")
-        if not 0.0 <= self.max_skip_fraction <= self.fail_skip_fraction <= 1.0:
-            raise ValueError(f"data.max_skip_fraction: need 0 <= max_skip_fraction <= fail_skip_fraction <= 1, "
-                             f"got {self.max_skip_fraction} and {self.fail_skip_fraction}")
-        if self.skip_window < 1:
-            raise ValueError(f"data.skip_window: must be >= 1 samples, got {self.skip_window}")
-        if self.max_length < 16:
-            raise ValueError(f"data.max_length: must be >= 16 tokens, got {self.max_length}")
-        if self.samples_per_epoch is not None and self.samples_per_epoch < 1:
-            raise ValueError(f"data.samples_per_epoch: must be >= 1 or null, "
-                             f"got {self.samples_per_epoch}")
+            _require(bool(d.manifest), f"datasets[{i}].manifest", f"empty (dataset {d.name!r})")
+            _require(d.weight > 0, f"datasets[{i}].weight", f"must be > 0, got {d.weight} (dataset {d.name!r})")
+        rules = (
+            ("micro_batch_size", self.micro_batch_size >= 1, ">= 1"),
+            ("num_workers", self.num_workers >= 0, ">= 0"),
+            ("shuffle_buffer", self.shuffle_buffer >= 1, ">= 1"),
+            ("on_error", self.on_error in ON_ERROR_CHOICES, f"one of {ON_ERROR_CHOICES}"),
+            ("mp_context", self.mp_context in (None, "fork", "spawn", "forkserver"), "null, fork, spawn or forkserver"),
+            ("max_skip_fraction", 0.0 <= self.max_skip_fraction <= self.fail_skip_fraction <= 1.0,
+             f"0 <= max_skip_fraction <= fail_skip_fraction <= 1 (fail_skip_fraction={self.fail_skip_fraction})"),
+            ("skip_window", self.skip_window >= 1, ">= 1 samples"),
+            ("max_length", self.max_length >= 16, ">= 16 tokens"),
+            ("samples_per_epoch", self.samples_per_epoch is None or self.samples_per_epoch >= 1, ">= 1 or null"),
+        )
+        for key, ok, want in rules:
+            _require(ok, key, f"must be {want}, got {getattr(self, key)!r}")
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"data.{key}: {message}")

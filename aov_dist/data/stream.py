@@ -146,21 +146,21 @@ class ResumableLoader:
     def __len__(self) -> int:
         return self.batches_per_epoch
 
-    @property
-    def skipped(self) -> dict[str, int]:
-        total = dict(self._skipped_before)
+    def _counts(self, before: dict[str, int], key: str) -> dict[str, int]:
+        """Finished epochs' counts plus each stream's of the current epoch."""
+        total = dict(before)
         for w in self._workers:
             if w is not None:
-                total = _add(total, w["skipped"])
+                total = _add(total, w[key])
         return total
 
     @property
+    def skipped(self) -> dict[str, int]:
+        return self._counts(self._skipped_before, "skipped")
+
+    @property
     def filtered(self) -> dict[str, int]:
-        total = dict(self._filtered_before)
-        for w in self._workers:
-            if w is not None:
-                total = _add(total, w["filtered"])
-        return total
+        return self._counts(self._filtered_before, "filtered")
 
     def info(self) -> dict:
         return {

@@ -66,6 +66,12 @@ def _jitter(rng: np.random.Generator, base: tuple[float, float, float], amount: 
     return np.clip(np.asarray(base, np.float32) + rng.uniform(-amount, amount, 3).astype(np.float32), 0, 1)
 
 
+def _frame(size: int, pose: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Image coordinates (yy, xx) and the object's own (u, v) under its pose."""
+    yy, xx = _grid(size)
+    return (yy, xx, *_rotated(yy, xx, pose))
+
+
 def _fill(size: int, colour: np.ndarray) -> np.ndarray:
     return np.broadcast_to(colour.astype(np.float32), (size, size, 3)).copy()
 
@@ -86,8 +92,7 @@ def _style_screw(rng):
 
 
 def _draw_screw(st, pose, size, rng) -> Canvas:
-    yy, xx = _grid(size)
-    u, v = _rotated(yy, xx, pose)
+    yy, xx, u, v = _frame(size, pose)
     half = st["length"] / 2
     width = 0.055 * (1 - 0.6 * np.clip((u - half + 0.1) / 0.1, 0, 1))  # tapering tip
     shaft = (np.abs(v) < width) & (u > -half) & (u < half)
@@ -106,8 +111,7 @@ def _style_bottle(rng):
 
 
 def _draw_bottle(st, pose, size, rng) -> Canvas:
-    yy, xx = _grid(size)
-    u, v = _rotated(yy, xx, pose)
+    yy, xx, u, v = _frame(size, pose)
     r = np.sqrt(u ** 2 + v ** 2)
     obj = r < st["r_out"]
     # Rings of a bottle seen from above: bright lip, darker body, dark neck opening.
@@ -168,8 +172,7 @@ def _style_fabric(rng):
 
 
 def _draw_fabric(st, pose, size, rng) -> Canvas:
-    yy, xx = _grid(size)
-    u, v = _rotated(yy, xx, pose)
+    yy, xx, u, v = _frame(size, pose)
     f = st["freq"] * 2 * math.pi
     weave = 0.8 + 0.2 * np.sin(u * f) * np.sign(np.sin(v * f)) + 0.05 * np.sin(v * f * 2)
     img = st["colour"][None, None] * weave[..., None]

@@ -231,16 +231,13 @@ def load_benchmark(root: str, detection_file: Optional[str] = "detection.json",
                    limit: Optional[int] = None) -> Benchmark:
     """Read the benchmark folder ``root``; a file name of None skips that part."""
     bench = Benchmark(root=root)
-    if detection_file:
-        url = join(root, detection_file)
-        recs = _load_records(url)[:limit]
-        bench.detection = [parse_detection(r, i, url) for i, r in enumerate(recs)]
-        if not bench.detection:
+    for part, name, parse in (("detection", detection_file, parse_detection),
+                              ("reasoning", reasoning_file, parse_reasoning)):
+        if not name:
+            continue
+        url = join(root, name)
+        items = [parse(r, i, url) for i, r in enumerate(_load_records(url)[:limit])]
+        if not items:
             raise BenchmarkError(f"{url}: no records")
-    if reasoning_file:
-        url = join(root, reasoning_file)
-        recs = _load_records(url)[:limit]
-        bench.reasoning = [parse_reasoning(r, i, url) for i, r in enumerate(recs)]
-        if not bench.reasoning:
-            raise BenchmarkError(f"{url}: no records")
+        setattr(bench, part, items)
     return bench

@@ -20,9 +20,8 @@ class StageConfig:
     # Empty by default: Hydra merges dicts key by key, so a default here would leak into every stage.
     lr: dict[str, float] = field(default_factory=dict)
     weight_decay: float = 0.0
-    # cosine_restarts (stage 1: warm restarts every restart_every_epochs), warmup_cosine (stage 2).
-    schedule: str = "cosine_restarts"
-    restart_every_epochs: float = 0.5
+    schedule: str = "cosine_restarts"  # stage 1; warmup_cosine for stage 2; or constant
+    restart_every_epochs: float = 0.5  # cosine_restarts: a warm restart this often
     warmup_ratio: float = 0.0
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
