@@ -6,7 +6,6 @@ of ``TrainJobConfig``; Hydra rejects unknown keys and wrong types against these 
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,16 +13,13 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from aov_dist import CONF_DIR  # noqa: F401  (re-exported: the apps and tests read it from here)
 from aov_dist.cluster.config import ClusterConfig, ClusterConfigError, validate_cluster
 from aov_dist.data.config import DataConfig
 from aov_dist.eval.config import EvalConfig
 from aov_dist.model.config import ModelConfig
 from aov_dist.tracking.config import TrackingConfig
 from aov_dist.train.config import SCHEDULES, STAGES, DeepSpeedConfig, StageConfig, TrainConfig
-
-# The Hydra configs: the repository's conf/, reached through the package (aov_dist/conf links to it
-# in a checkout; a wheel carries the files there), so an installed package finds them too.
-CONF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
 
 
 class ConfigError(ClusterConfigError):

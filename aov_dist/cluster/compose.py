@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from aov_dist.cluster.config import ClusterConfig, ClusterConfigError, to_cluster_config
 
-from aov_dist.config import CONF_DIR as _CONF_DIR
+from aov_dist import CONF_DIR as _CONF_DIR
 
 REPO_ROOT = Path(__file__).resolve().parents[2]  # the working directory a submitted job uploads
 CONF_DIR = Path(_CONF_DIR)
