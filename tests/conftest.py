@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -26,12 +25,6 @@ from pathlib import Path
 import pytest
 
 SYNTH_TRAIN, SYNTH_BENCH, SYNTH_SIZE, SYNTH_SEED = 40, 20, 64, 0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_until_up(url: str, proc: subprocess.Popen, timeout: float = 30.0) -> None:
@@ -53,7 +46,9 @@ def _wait_until_up(url: str, proc: subprocess.Popen, timeout: float = 30.0) -> N
 def s3_server():
     """Endpoint URL of a loopback moto S3 server with dummy credentials in the environment."""
     pytest.importorskip("moto.server")
-    port = _free_port()
+    from train_harness import free_port
+
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"

@@ -1,5 +1,6 @@
 """The benchmark scripts: their shared helpers exactly, and each script end to end at toy size
-(slow: Ray / DeepSpeed start-up), reading the printed markdown table back."""
+(slow: Ray / DeepSpeed start-up) on the suite's small synthetic data set and shards (conftest's
+session fixtures), reading the printed markdown table back."""
 from __future__ import annotations
 
 import math
@@ -14,8 +15,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from common import markdown_table, parse_markdown_table, run_monitored, step_stats  # noqa: E402
-
-MANIFEST = ROOT / "data_shards" / "synthetic" / "shards" / "manifest.json"
 
 
 def test_step_stats_median_after_warmup():
@@ -56,8 +55,6 @@ def test_run_monitored_reports_failure_with_log_tail(tmp_path):
 
 
 def _run_script(name: str, *args: str, timeout: int = 900) -> list[dict[str, str]]:
-    if not MANIFEST.exists():
-        pytest.skip("make shards first (data_shards/synthetic)")
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args], cwd=ROOT, timeout=timeout,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -73,8 +70,10 @@ def _positive(cell: str) -> float:
 
 
 @pytest.mark.slow
-def test_bench_trainer_toy():
-    rows = _run_script("bench_trainer.py", "--steps", "4", "--warmup", "1", "--global-batch", "4", "--micro", "2")
+def test_bench_trainer_toy(synthetic_shards):
+    rows = _run_script("bench_trainer.py", "--steps", "4", "--warmup", "1", "--global-batch", "4", "--micro", "2",
+                       "--manifest", str(synthetic_shards.manifest_path),
+                       "--train-json", str(synthetic_shards.data.train_json))
     assert [r["variant"] for r in rows] == ["ours", "official", "plain"]
     assert list(rows[0]) == ["variant", "step s (median)", "samples/s", "first step s", "peak RSS MB (tree)",
                              "ours/variant step time"]
@@ -89,8 +88,9 @@ def test_bench_trainer_toy():
 
 
 @pytest.mark.slow
-def test_bench_eval_toy():
-    rows = _run_script("bench_eval.py", "--small", "4", "--large", "12", "--batch-size", "4", "--repeat", "1")
+def test_bench_eval_toy(synthetic_data):
+    rows = _run_script("bench_eval.py", "--small", "4", "--large", "12", "--batch-size", "4", "--repeat", "1",
+                       "--benchmark", str(synthetic_data.benchmark_dir))
     assert [r["workers"] for r in rows] == ["1", "2", "2 / 1"]
     for r in rows[:2]:
         fresh, warm = _positive(r["s per checkpoint fresh (12 images)"]), _positive(r["s per checkpoint warm"])
@@ -103,8 +103,8 @@ def test_bench_eval_toy():
 
 
 @pytest.mark.slow
-def test_bench_checkpoint_toy():
-    rows = _run_script("bench_checkpoint.py", "--saves", "1")
+def test_bench_checkpoint_toy(synthetic_shards):
+    rows = _run_script("bench_checkpoint.py", "--saves", "1", "--manifest", str(synthetic_shards.manifest_path))
     assert [r["storage"] for r in rows] == ["local", "s3"]
     for r in rows:
         blocked = _positive(r["blocked per save s"])

@@ -5,24 +5,25 @@ from __future__ import annotations
 import os
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from aov_dist.config import CONF_DIR, ConfigError, micro_steps_per_step, validate
+from aov_dist.config import ConfigError, micro_steps_per_step, validate
+from train_harness import compose_cfg
 
 
-def _compose(tmp_path, *overrides: str):
+def _job(tmp_path, *overrides: str):
+    """The composed job with ``overrides`` on a stand-in manifest, storage and MLflow store under
+    ``tmp_path``."""
     manifest = tmp_path / "manifest.json"
     manifest.write_text("{}")
     base = [f"data.datasets.0.manifest={manifest}", f"train.storage_path={tmp_path / 'runs'}",
             f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose("config", overrides=base + list(overrides))
+    return compose_cfg(base + list(overrides))
 
 
 def test_defaults_compose_and_validate(tmp_path):
-    c = validate(_compose(tmp_path))
+    c = validate(_job(tmp_path))
     assert (c.stage.name, c.deepspeed.zero_stage, c.cluster.num_workers) == ("stage1", 3, 2)
     assert c.train.run_name == "aov-tiny-stage1"  # interpolated from the stage
     assert c.stage.lr == {"expert": 1e-4} and c.stage.schedule == "cosine_restarts"
@@ -31,7 +32,7 @@ def test_defaults_compose_and_validate(tmp_path):
 
 
 def test_stage2_group_has_its_own_schedule(tmp_path):
-    c = validate(_compose(tmp_path, "stage=stage2", "stage.require_init=false", "deepspeed=zero2"))
+    c = validate(_job(tmp_path, "stage=stage2", "stage.require_init=false", "deepspeed=zero2"))
     assert c.stage.lr == {"projector": 1e-5, "llm": 1e-5}
     assert (c.stage.schedule, c.stage.warmup_ratio, c.deepspeed.zero_stage) == ("warmup_cosine", 0.03, 2)
 
@@ -49,36 +50,36 @@ def test_stage2_group_has_its_own_schedule(tmp_path):
 ])
 def test_impossible_configs_name_the_key(tmp_path, overrides, key, words):
     with pytest.raises(ConfigError) as e:
-        validate(_compose(tmp_path, *overrides))
+        validate(_job(tmp_path, *overrides))
     assert e.value.key == key
     assert str(e.value).startswith(f"{key}: ") and words in str(e.value)
 
 
 def test_missing_manifest_names_the_dataset_key(tmp_path):
-    cfg = _compose(tmp_path, f"data.datasets.0.manifest={tmp_path / 'nope.json'}")
+    cfg = _job(tmp_path, f"data.datasets.0.manifest={tmp_path / 'nope.json'}")
     with pytest.raises(ConfigError, match=r"^data.datasets\[0\].manifest: .*nope.json' does not exist"):
         validate(cfg)
 
 
 def test_unknown_key_and_wrong_type_fail_at_composition(tmp_path):
     with pytest.raises(ConfigCompositionException, match="stage.lr_typo"):
-        _compose(tmp_path, "stage.lr_typo=1")
+        _job(tmp_path, "stage.lr_typo=1")
     # a forced '+' addition gets past Hydra, not past the schema check
     with pytest.raises(ConfigError) as e:
-        validate(_compose(tmp_path, "+stage.lr_typo=1"))
+        validate(_job(tmp_path, "+stage.lr_typo=1"))
     assert e.value.key == "stage.lr_typo"
     with pytest.raises(ConfigCompositionException) as e:
-        _compose(tmp_path, "stage.global_batch_size=many")
+        _job(tmp_path, "stage.global_batch_size=many")
     assert "stage.global_batch_size" in str(e.value.__cause__ or e.value)
 
 
 def test_unknown_key_and_wrong_type_from_python_name_the_key(tmp_path):
-    cfg = OmegaConf.to_container(_compose(tmp_path), resolve=True)
+    cfg = OmegaConf.to_container(_job(tmp_path), resolve=True)
     cfg["train"]["checkpoint_every"] = 5
     with pytest.raises(ConfigError) as e:
         validate(cfg)
     assert e.value.key == "train.checkpoint_every"
-    cfg = OmegaConf.to_container(_compose(tmp_path), resolve=True)
+    cfg = OmegaConf.to_container(_job(tmp_path), resolve=True)
     cfg["deepspeed"]["zero_stage"] = "three"
     with pytest.raises(ConfigError) as e:
         validate(cfg)
@@ -92,7 +93,7 @@ def test_main_rejects_before_starting_ray_or_mlflow(tmp_path):
 
     assert not ray.is_initialized()
     with pytest.raises(ConfigError, match="^stage.global_batch_size"):
-        main(_compose(tmp_path, "stage.global_batch_size=6"))
+        main(_job(tmp_path, "stage.global_batch_size=6"))
     assert not ray.is_initialized()
     assert not os.path.exists(tmp_path / "mlflow.db")
     assert not os.path.exists(tmp_path / "runs")
@@ -117,10 +118,9 @@ def test_cli_reports_config_error_with_exit_code_2(tmp_path, monkeypatch, capsys
 
 def test_tracking_presets(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.aov.svc:5000")
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=["tracking=server"])
+    cfg = compose_cfg(["tracking=server"])
     assert (cfg.tracking.uri, cfg.tracking.artifact_location) == ("http://mlflow.aov.svc:5000", None)
-    assert validate(_compose(tmp_path, "tracking=off")).tracking.enabled is False
+    assert validate(_job(tmp_path, "tracking=off")).tracking.enabled is False
 
 
 @pytest.mark.parametrize("overrides, key, words", [
@@ -137,15 +137,15 @@ def test_tracking_presets(tmp_path, monkeypatch):
 ])
 def test_gpu_era_settings_that_cannot_work_name_the_key(tmp_path, overrides, key, words):
     with pytest.raises(ConfigError) as e:
-        validate(_compose(tmp_path, *overrides))
+        validate(_job(tmp_path, *overrides))
     assert e.value.key == key and words in str(e.value)
 
 
 def test_training_precision_is_bf16_on_gpu_clusters_and_fp32_on_cpu(tmp_path):
     from aov_dist.config import training_precision
 
-    assert training_precision(validate(_compose(tmp_path))) == "fp32"
-    gpu = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(validate(_compose(tmp_path))),
+    assert training_precision(validate(_job(tmp_path))) == "fp32"
+    gpu = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(validate(_job(tmp_path))),
                                               {"cluster": {"use_gpu": True}}))
     assert training_precision(gpu) == "bf16"
     gpu.deepspeed.precision = "fp32"
@@ -163,7 +163,5 @@ def test_the_registered_model_is_named_after_preset_and_stage(preset, stage, con
 
 
 def test_a_manifest_the_data_group_marks_mandatory_is_named_when_missing():
-    from train_harness import compose_cfg
-
     with pytest.raises(ConfigError, match=r"^data.datasets\[0\].manifest: must be set"):
         validate(compose_cfg(["data=anomaly_instruct"]))

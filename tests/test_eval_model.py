@@ -91,19 +91,16 @@ def test_evaluator_loads_the_next_checkpoint_into_the_same_workers(tiny_checkpoi
 
 @pytest.mark.slow
 def test_aov_eval_app_logs_to_mlflow(tiny_checkpoint, synthetic_data, tmp_path, capsys):
-    from hydra import compose, initialize_config_dir
     from mlflow.tracking import MlflowClient
 
-    from aov_dist.eval.__main__ import CONF_DIR, main, rewrite_argv
-    from aov_dist.eval.config import register_configs
+    from aov_dist.eval.__main__ import main, rewrite_argv
+    from train_harness import compose_cfg
 
-    register_configs()
     db = f"sqlite:///{tmp_path}/mlflow.db"
     overrides = rewrite_argv([f"checkpoint={tiny_checkpoint}", f"benchmark={synthetic_data.benchmark_dir}",
                               "num_workers=0", "limit=4", "batch_size=2", "max_new_tokens=4",
                               f"tracking.uri={db}", f"tracking.artifact_location={tmp_path}/art"])
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="aov_eval_schema", overrides=overrides)
+    cfg = compose_cfg(overrides, config_name="aov_eval_schema")
     metrics = main(cfg)
     out = capsys.readouterr().out
     assert "Anomaly-OV-7B (paper)" in out and "GPT-Score skipped" in out

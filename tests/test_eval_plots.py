@@ -222,11 +222,9 @@ def test_a_failing_picture_does_not_stop_the_others(bench_dir, mlflow_client, tm
 
 
 def test_app_without_tracking_computes_no_maps_and_logs_nothing(bench_dir, tmp_path, monkeypatch, capsys):
-    from hydra import compose, initialize_config_dir
-
     from aov_dist.eval import evaluate as evaluate_mod
-    from aov_dist.eval.__main__ import CONF_DIR, main, rewrite_argv
-    from aov_dist.eval.config import register_configs
+    from aov_dist.eval.__main__ import main, rewrite_argv
+    from train_harness import compose_cfg
 
     step = tmp_path / "ckpt" / "step_1"
     (step / "hf").mkdir(parents=True)
@@ -234,11 +232,9 @@ def test_app_without_tracking_computes_no_maps_and_logs_nothing(bench_dir, tmp_p
     monkeypatch.setattr(evaluate_mod, "anomaly_ov_factory", lambda *a, **k: MapBackend)
     monkeypatch.chdir(tmp_path)
     MapBackend.map_calls.clear()
-    register_configs()
     overrides = rewrite_argv([f"checkpoint={step}", f"benchmark={bench_dir}", "num_workers=0",
                               "tasks=[detection]", "tracking.enabled=false"])
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="aov_eval_schema", overrides=overrides)
+    cfg = compose_cfg(overrides, config_name="aov_eval_schema")
     metrics = main(cfg)
     assert metrics["detection"]["overall"]["n"] == 12 and "Anomaly-OV-7B (paper)" in capsys.readouterr().out
     assert MapBackend.map_calls == []

@@ -1,5 +1,5 @@
-"""Too-long and text-only samples in a real 2-rank stage-2 ZeRO-3 run (gloo, no Ray; the spawn
-harness of test_faults_data).
+"""Too-long and text-only samples in a real 2-rank stage-2 ZeRO-3 run (gloo, no Ray; the spawned
+ranks of train_harness.run_ranks).
 
 The shards are laid out so that the loader's plan (equal contiguous ranges per rank) gives one rank
 only image samples (two of them with 8 views: their image tokens alone exceed data.max_length) and
@@ -14,13 +14,16 @@ from __future__ import annotations
 import json
 import math
 import tarfile
+from functools import partial
 from pathlib import Path
 
 import pytest
 
-from test_faults_data import _add, _overrides, _spawn
+from shard_helpers import add_member
+from train_harness import run_ranks, tracked_epoch_overrides, train_rank, typed_cfg
 
 pytestmark = pytest.mark.slow
+DEADLINE_S = 420  # a rank still running then hangs: the test fails instead of the suite hanging
 PER_SHARD = 8  # samples per shard = per rank (2 ranks, 2 equal shards): 4 steps of 2 x 2 samples
 TOO_LONG_VIEWS = 8  # 8 views x 64 px: image tokens end at 637 (tiny processor)
 MAX_LENGTH = 400  # a single 64 px image ends at 167, a 4-view sample at 325
@@ -47,9 +50,9 @@ def stage2_shards(src_manifest: Path, out: Path) -> tuple[str, list[tuple[str, s
                                          *meta["conversations"][1:]]
                 meta["images"] = [meta["images"][0]] * TOO_LONG_VIEWS
                 too_long.append((str(out / "img-000000.tar"), s.key))
-            _add(tf, f"{s.key}.json", json.dumps(meta).encode())
+            add_member(tf, f"{s.key}.json", json.dumps(meta).encode())
             for v, img in enumerate(images):
-                _add(tf, f"{s.key}.img{v}.{s.exts[0]}", img)
+                add_member(tf, f"{s.key}.img{v}.{s.exts[0]}", img)
     entries.append({"url": "img-000000.tar", "samples": PER_SHARD})
     with tarfile.open(out / "txt-000001.tar", "w") as tf:
         for i in range(PER_SHARD):
@@ -57,7 +60,7 @@ def stage2_shards(src_manifest: Path, out: Path) -> tuple[str, list[tuple[str, s
                     "conversations": [{"from": "human", "value": f"Name a way to inspect part {i} for defects."},
                                       {"from": "gpt", "value": "Look at it under raking light and compare "
                                                               "with a known good part."}]}
-            _add(tf, f"{100000 + i:09d}.json", json.dumps(meta).encode())
+            add_member(tf, f"{100000 + i:09d}.json", json.dumps(meta).encode())
     entries.append({"url": "txt-000001.tar", "samples": PER_SHARD})
     for e in entries:
         e.update(bytes=(out / e["url"]).stat().st_size, sha256="")
@@ -66,7 +69,7 @@ def stage2_shards(src_manifest: Path, out: Path) -> tuple[str, list[tuple[str, s
 
 
 def _stage2(manifest: str, tmp_path: Path, run: str, extra=()) -> list[str]:
-    return _overrides(manifest, tmp_path, run, extra=["stage=stage2", "stage.require_init=false",
+    return tracked_epoch_overrides(manifest, tmp_path, run, extra=["stage=stage2", "stage.require_init=false",
                                                        f"data.max_length={MAX_LENGTH}", *extra])
 
 
@@ -86,14 +89,13 @@ def test_stage2_too_long_and_text_only_samples_train_without_hanging(tmp_path, s
     from mlflow.tracking import MlflowClient
 
     from aov_dist.tracking.mlflow_tracker import create_run
-    from train_harness import typed_cfg
 
     manifest, too_long = stage2_shards(synthetic_shards.manifest_path, tmp_path / "s2")
     cfg = typed_cfg(_stage2(manifest, tmp_path, "s2skip"))
     assert _text_only_beside_images(cfg) >= 1  # the premise: a text-only micro-batch on one rank only
     run_id = create_run(cfg.tracking, "s2skip", {}, "")
-    assert _spawn(cfg, run_id, tmp_path / "out") is None  # no hang (deadline), no crash
-    ranks = [json.loads((tmp_path / f"out/rank_{r}.json").read_text()) for r in range(2)]
+    # no hang (deadline), no crash (a rank's exception would be raised here)
+    ranks = run_ranks(cfg, tmp_path / "out", rank_fn=partial(train_rank, run_id=run_id), deadline_s=DEADLINE_S)
     assert ranks[0]["losses"] == ranks[1]["losses"] and len(ranks[0]["losses"]) == PER_SHARD // 2
     assert all(math.isfinite(x) and x > 0 for x in ranks[0]["losses"]), ranks[0]["losses"]
     # only the image rank meets the too-long samples (a refill may meet one again: >=)
@@ -110,13 +112,11 @@ def test_stage2_too_long_and_text_only_samples_train_without_hanging(tmp_path, s
 
 
 def test_stage2_strict_mode_names_the_too_long_shard_and_key(tmp_path, synthetic_shards):
-    from train_harness import typed_cfg
-
     manifest, too_long = stage2_shards(synthetic_shards.manifest_path, tmp_path / "s2")
     cfg = typed_cfg(_stage2(manifest, tmp_path, "s2strict", extra=["data.on_error=fail"]))
     cfg.tracking.enabled = False
-    err = _spawn(cfg, None, tmp_path / "out")
-    assert err is not None
+    # a rank raises (run_ranks fails the test otherwise) before the deadline
+    err = run_ranks(cfg, tmp_path / "out", deadline_s=DEADLINE_S, expect_error=True)
     text = str(err)
     named = [key for url, key in too_long if f"too_long: shard {url} sample {key!r}" in text]
     assert "SampleError" in text and named, text[-2000:]
@@ -126,7 +126,6 @@ def test_stage2_strict_mode_names_the_too_long_shard_and_key(tmp_path, synthetic
 def stop_on_too_many_skips(cfg, rank: int, world: int) -> dict:
     """A rank that reports the skip policy's failure instead of dying of it."""
     from aov_dist.data.skip_policy import TooManySkippedSamples
-    from train_harness import train_rank
 
     try:
         return {"failed": None, **train_rank(cfg, rank, world)}
@@ -135,8 +134,6 @@ def stop_on_too_many_skips(cfg, rank: int, world: int) -> dict:
 
 
 def test_too_many_too_long_samples_stop_every_rank_naming_data_max_length(tmp_path, synthetic_shards):
-    from train_harness import run_ranks, typed_cfg
-
     manifest, _ = stage2_shards(synthetic_shards.manifest_path, tmp_path / "s2")
     # windows of 4 samples read: the first window holds a skipped 8-view sample (1 in 5 = 20 %)
     cfg = typed_cfg(_stage2(manifest, tmp_path, "s2limit", extra=["data.skip_window=4", "data.fail_skip_fraction=0.1",

@@ -5,8 +5,8 @@
   two workers must report the two distinct node ids of the cluster.
 * test_two_node_training: `aov-train` with cluster=local cluster.nodes=2 workers_per_node=1 on a
   shared tmp folder; checks both nodes ran a worker, the job succeeded, checkpoints are complete
-  (COMMITTED) and the MLflow run exists. Skipped until `python -m aov_dist.train` exists;
-  TRAIN_OVERRIDES below are the trainer's keys for a tiny, few-step run.
+  (COMMITTED) and the MLflow run exists. TRAIN_OVERRIDES below are the trainer's keys for a
+  tiny, few-step run.
 
 Each node has 1 CPU, so a 2-worker job cannot fit on one node. The fixture kills every process
 it started, by pid (never `ray stop`, which would hit other Ray users of the machine).
@@ -125,8 +125,6 @@ def test_probe_spans_both_nodes(ray_cluster):
     assert sorted(_worker_node_dirs(ray_cluster, logs)) == sorted(ray_cluster.node_dirs)
 
 
-@pytest.mark.skipif(not (ROOT / "aov_dist" / "train" / "__main__.py").exists(),
-                    reason="the trainer (python -m aov_dist.train) is not built yet")
 def test_two_node_training(ray_cluster, synthetic_shards):
     root = Path(ray_cluster.root)
     overrides = ["cluster.workers_per_node=1", "cluster.shared_filesystem=true",

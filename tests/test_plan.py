@@ -14,7 +14,8 @@ from PIL import Image
 from aov_dist.model.presets import PRESETS, preset_dims, tiny_processor
 from aov_dist.model.tokenizer import DETECTION_PROMPT
 from aov_dist.train import memory as mem
-from aov_dist.train.plan_cli import compose, main, prepare
+from aov_dist.train.plan_cli import main, prepare
+from train_harness import compose_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ["aov_0.5b_stage1", "aov_0.5b_stage2", "aov_7b_stage1", "aov_7b_stage2"]
@@ -89,7 +90,7 @@ def _expected(preset: str, vocab: int) -> dict[str, int]:
 def test_parameter_counts_on_meta_device_match_hand_computed_totals(preset, overrides):
     from aov_dist.train.plan import count_parameters
 
-    c, missing = prepare(compose(overrides))
+    c, missing = prepare(compose_cfg(overrides))
     report, dims, _ = count_parameters(c, missing)
     vocab = len(tiny_processor().tokenizer) if preset == "tiny" else PRESETS[preset]["vocab_size"]
     expected = _expected(preset, vocab)
@@ -109,7 +110,7 @@ def test_parameter_counts_on_meta_device_match_hand_computed_totals(preset, over
 def test_tied_embeddings_are_counted_once():
     from aov_dist.train.plan import count_parameters
 
-    c, missing = prepare(compose(["experiment=aov_0.5b_stage2"]))
+    c, missing = prepare(compose_cfg(["experiment=aov_0.5b_stage2"]))
     report, _, _ = count_parameters(c, missing)
     assert report["groups"]["llm"]["trainable"] == _expected("aov_0.5b", 152000)["llm"]  # no second V x h
 
@@ -119,7 +120,7 @@ def test_parameters_come_from_a_readable_pretrained_config(tmp_path):
     from aov_dist.train.plan import count_parameters
 
     build_config("aov_0.5b", {"text_layers": 2}).save_pretrained(tmp_path)
-    c, missing = prepare(compose(["experiment=aov_0.5b_stage2", f"model.pretrained_path={tmp_path}"]))
+    c, missing = prepare(compose_cfg(["experiment=aov_0.5b_stage2", f"model.pretrained_path={tmp_path}"]))
     report, dims, _ = count_parameters(c, missing)
     assert "model.pretrained_path" not in missing and report["source"].endswith("config.json")
     h, i, kv = 896, 4864, 128  # Qwen2-0.5B: 22 of its 24 decoder layers fewer
@@ -212,7 +213,7 @@ def _manifest_override(path) -> str:
 
 
 def _plan(overrides: list[str], tmp_path, capsys) -> tuple[int, dict, str]:
-    cfg = compose(overrides)
+    cfg = compose_cfg(overrides)
     out = tmp_path / "plan.json"
     from aov_dist.train.plan_cli import PlanOptions
 

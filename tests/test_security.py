@@ -62,11 +62,11 @@ def test_planted_secret_never_reaches_params_or_the_config_artifact(tmp_path, mo
 
 def test_checkpoint_config_yaml_is_redacted(tmp_path):
     from aov_dist.config import to_typed
-    from test_faults_checkpoint import job_cfg, save
+    from train_harness import job_cfg, save_checkpoint
 
     cfg = job_cfg(str(tmp_path))
     cfg.cluster.k8s.s3_secret = PLANTED
-    path = save(cfg, 2)
+    path = save_checkpoint(cfg, 2)
     text = Path(path, "config.yaml").read_text()
     assert PLANTED not in text
     # still a valid job config (aov-export rebuilds the model from it)
@@ -290,13 +290,12 @@ def test_registered_model_is_logged_from_code_without_a_pickle(tmp_path):
 # ---- shard names cannot escape their folder ----
 
 def _tar_with(names: list[str], symlink: str | None = None) -> bytes:
+    from shard_helpers import add_member
+
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tf:
         for name in names:
-            data = b'{"id": "x", "conversations": [{"from": "human", "value": "hi"}], "images": []}'
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
+            add_member(tf, name, b'{"id": "x", "conversations": [{"from": "human", "value": "hi"}], "images": []}')
         if symlink:
             info = tarfile.TarInfo(symlink)
             info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"

@@ -16,6 +16,7 @@ from aov_dist.data import cli
 from aov_dist.data.records import RecordFileError, check_file, derive_label, image_list
 from aov_dist.data.shard_inspect import inspect_shards, iter_shard
 from aov_dist.data.shards import ShardError, write_shards
+from shard_helpers import add_member
 
 DETECT = "<image>\nAre there any defects for the object in the image? Please reply with 'Yes' or 'No'."
 
@@ -209,9 +210,7 @@ def test_inspect_refuses_unsafe_members_and_urls(tmp_path):
     d.mkdir()
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
-        info = tarfile.TarInfo("../000000000.json")
-        info.size = 2
-        tar.addfile(info, io.BytesIO(b"{}"))
+        add_member(tar, "../000000000.json", b"{}")
     (d / "shard-000000.tar").write_bytes(buf.getvalue())
     manifest = {"format": "aov-shards", "version": 1, "shards": [
         {"url": "shard-000000.tar", "samples": 0, "bytes": 0, "sha256": ""},

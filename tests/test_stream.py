@@ -1,100 +1,19 @@
 """Streaming loader: rank/worker split, equal batch counts, skips, mixture, resume.
 
-Shards are written here directly in the docs/architecture.md §2 format (``write_shards``) so the
-tests depend neither on the synthetic generator nor on the model's processor.
+Shards are written directly in the docs/architecture.md §2 format (``shard_helpers.write_shards``)
+so the tests depend neither on the synthetic generator nor on the model's processor.
 """
 from __future__ import annotations
 
-import io
-import json
 import tarfile
 from pathlib import Path
-from typing import Optional
 
-import numpy as np
 import pytest
-import webdataset as wds
-from PIL import Image
 
 from aov_dist.data.config import DataConfig, DatasetSpec
 from aov_dist.data.decode import SampleError
-from aov_dist.data.stream import build_loader as _build_loader
-
-GOOD = "good"
-
-
-def build_loader(*args, **kwargs):
-    """The loader without the model's processor: these tests must not depend on the model."""
-    kwargs.setdefault("too_long_exceptions", ())
-    return _build_loader(*args, **kwargs)
-
-
-def png(size: tuple[int, int] = (8, 6), value: int = 100) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.full((size[1], size[0], 3), value, dtype=np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def sample_members(i: int, kind: str = GOOD, prefix: str = "s", label: Optional[int] = 0,
-                   views: int = 1) -> dict:
-    """Members of sample i (key = zero-padded index); ``kind`` plants one defect."""
-    sid = f"{prefix}{i:05d}"
-    conv = [{"from": "human", "value": "<image>" * views + "\nIs there a defect?"},
-            {"from": "gpt", "value": "No."}]
-    meta = {"id": sid, "conversations": conv, "label": label, "label_source": "explicit",
-            "images": [f"img/{sid}_{v}.png" for v in range(views)], "source": prefix}
-    m = {"__key__": f"{i:06d}", "json": json.dumps(meta).encode()}
-    for v in range(views):
-        m[f"img{v}.png"] = png(value=(i * 7 + v) % 250)
-    if kind == "bad_image":
-        m["img0.png"] = b"\x89PNG not really"
-    elif kind == "tiny_image":
-        m["img0.png"] = png((1, 1))
-    elif kind == "bad_json":
-        m["json"] = b'{"id": "broken", "conversations": ['
-    elif kind == "image_count_mismatch":
-        meta["conversations"][0]["value"] = "<image><image>\nTwo?"
-        m["json"] = json.dumps(meta).encode()
-    return m
-
-
-def write_shards(folder: Path, counts: list[int], kinds: Optional[dict[int, str]] = None,
-                 prefix: str = "s", labels: Optional[dict[int, Optional[int]]] = None,
-                 views: Optional[dict[int, int]] = None) -> tuple[str, list[str]]:
-    """Shards of the given sizes + manifest.json; returns (manifest path, ids in write order)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    kinds, labels, views = kinds or {}, labels or {}, views or {}
-    shards, ids, i = [], [], 0
-    n_lab = {"normal": 0, "anomalous": 0, "unknown": 0}
-    for s, cnt in enumerate(counts):
-        name = f"{prefix}-{s:06d}.tar"
-        with wds.TarWriter(str(folder / name)) as w:
-            for _ in range(cnt):
-                lab = labels.get(i, 0)
-                n_lab[{0: "normal", 1: "anomalous", None: "unknown"}[lab]] += 1
-                w.write(sample_members(i, kinds.get(i, GOOD), prefix, lab, views.get(i, 1)))
-                ids.append(f"{prefix}{i:05d}")
-                i += 1
-        shards.append({"url": name, "samples": cnt, "bytes": (folder / name).stat().st_size,
-                       "sha256": ""})
-    manifest = {"format": "aov-shards", "version": 1, "writer": "test", "created": "now",
-                "sources": [], "shards": shards,
-                "totals": {"shards": len(shards), "samples": i, "bytes": 0, "labels": n_lab,
-                           "derived_labels": {}}, "skipped": []}
-    (folder / "manifest.json").write_text(json.dumps(manifest))
-    return str(folder / "manifest.json"), ids
-
-
-def ids_of(sample: dict) -> str:
-    return sample["id"]
-
-
-def cfg_for(manifest: str, **kw) -> DataConfig:
-    return DataConfig(datasets=[DatasetSpec("d", manifest, 1.0)], **kw)
-
-
-def run_epoch(loader) -> list[list[str]]:
-    return [list(b) for b in loader]
+from shard_helpers import (build_loader, cfg_for, collect, corrupt_member_header, ids_of, run_epoch,
+                           write_shards)
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
@@ -167,20 +86,12 @@ def test_each_bad_kind_is_skipped_and_counted(tmp_path: Path) -> None:
     assert loader.batches_per_epoch == 5
 
 
-def _corrupt_member_header(tar_path: Path, member_name: str) -> None:
-    with tarfile.open(tar_path) as tf:
-        offset = next(m.offset for m in tf.getmembers() if m.name == member_name)
-    data = bytearray(tar_path.read_bytes())
-    data[offset + 148:offset + 156] = b"garbage!"  # the header checksum field
-    tar_path.write_bytes(bytes(data))
-
-
 @pytest.mark.parametrize("damage", ["header", "truncate"])
 def test_corrupt_tar_counts_the_lost_samples(tmp_path: Path, damage: str) -> None:
     manifest, _ = write_shards(tmp_path, [4, 4])
     tar0 = tmp_path / "s-000000.tar"
     if damage == "header":
-        _corrupt_member_header(tar0, "000002.json")
+        corrupt_member_header(tar0, "000002.json")
     else:
         with tarfile.open(tar0) as tf:
             m = next(m for m in tf.getmembers() if m.name == "000002.img0.png")
@@ -211,7 +122,7 @@ def test_fail_mode_names_shard_and_key(tmp_path: Path, kind: str, num_workers: i
 
 def test_fail_mode_corrupt_tar_names_shard(tmp_path: Path) -> None:
     manifest, _ = write_shards(tmp_path, [4])
-    _corrupt_member_header(tmp_path / "s-000000.tar", "000002.json")
+    corrupt_member_header(tmp_path / "s-000000.tar", "000002.json")
     cfg = cfg_for(manifest, micro_batch_size=1, num_workers=0, shuffle_buffer=1, on_error="fail")
     with pytest.raises(SampleError, match=r"corrupt_tar: shard .*s-000000\.tar sample "
                                           r"'#2': sample lost, reading stopped at key '000002': "
@@ -270,27 +181,15 @@ def test_mixture_follows_weights(tmp_path: Path) -> None:
     assert len(set(x for x in got if x.startswith("a"))) == 40
 
 
-def _collect(loader, epochs: int, stop_after: Optional[tuple[int, int]] = None):
-    """Batches of ``epochs`` epochs; stop after batch stop_after=(epoch, k) and return the state."""
-    out = []
-    while loader.epoch < epochs:
-        e = loader.epoch
-        for k, b in enumerate(loader):
-            out.append(list(b))
-            if stop_after == (e, k):
-                return out, json.loads(json.dumps(loader.state_dict()))
-    return out, None
-
-
 @pytest.mark.parametrize("num_workers,stop", [(0, (0, 2)), (2, (0, 4)), (2, (1, 1)), (2, (0, 5))])
 def test_resume_mid_epoch_continues_exactly(tmp_path: Path, num_workers: int, stop) -> None:
     manifest, _ = write_shards(tmp_path, [9, 9, 9, 9, 5], kinds={7: "bad_image", 20: "bad_json"})
     cfg = cfg_for(manifest, micro_batch_size=2, num_workers=num_workers, shuffle_buffer=4)
-    full, _ = _collect(build_loader(cfg, 1, 2, transform=ids_of), 2)
-    first, state = _collect(build_loader(cfg, 1, 2, transform=ids_of), 2, stop)
+    full, _ = collect(build_loader(cfg, 1, 2, transform=ids_of), 2)
+    first, state = collect(build_loader(cfg, 1, 2, transform=ids_of), 2, stop)
     assert state is not None and len(first) < len(full)
     resumed = build_loader(cfg, 1, 2, transform=ids_of, state=state)
-    rest, _ = _collect(resumed, 2)
+    rest, _ = collect(resumed, 2)
     assert first + rest == full
     assert resumed.epoch == 2
 
@@ -300,10 +199,10 @@ def test_resume_mixture_restores_every_stream(tmp_path: Path) -> None:
     mb, _ = write_shards(tmp_path / "b", [5], prefix="b")
     cfg = DataConfig(datasets=[DatasetSpec("a", ma, 1.0), DatasetSpec("b", mb, 2.0)],
                      micro_batch_size=3, num_workers=2, samples_per_epoch=36, shuffle_buffer=3)
-    full, _ = _collect(build_loader(cfg, 0, 1, transform=ids_of), 2)
-    first, state = _collect(build_loader(cfg, 0, 1, transform=ids_of), 2, (0, 3))
+    full, _ = collect(build_loader(cfg, 0, 1, transform=ids_of), 2)
+    first, state = collect(build_loader(cfg, 0, 1, transform=ids_of), 2, (0, 3))
     assert [len(w["streams"]) for w in state["workers"]] == [2, 2]
-    rest, _ = _collect(build_loader(cfg, 0, 1, transform=ids_of, state=state), 2)
+    rest, _ = collect(build_loader(cfg, 0, 1, transform=ids_of, state=state), 2)
     assert first + rest == full
 
 

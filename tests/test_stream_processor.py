@@ -9,7 +9,7 @@ import torch
 from aov_dist.data.stream import build_loader
 from aov_dist.data.transforms import ConversationTransform, ExpertTransform
 from aov_dist.model.processor import ImageTokensExceedMaxLength
-from test_stream import cfg_for, write_shards
+from shard_helpers import cfg_for, write_shards
 
 BATCH_KEYS = {"input_ids", "attention_mask", "labels", "token_type", "pixel_values", "image_grids",
               "image_sizes"}

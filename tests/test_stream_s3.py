@@ -8,7 +8,7 @@ from PIL import Image
 
 from aov_dist import storage
 from aov_dist.data.config import DataConfig, DatasetSpec
-from test_stream import _collect, build_loader, cfg_for, ids_of, write_shards
+from shard_helpers import build_loader, cfg_for, collect, ids_of, write_shards
 
 
 def _upload(folder: Path, prefix: str) -> str:
@@ -22,11 +22,11 @@ def test_s3_reads_the_same_as_local_and_resumes(tmp_path: Path, s3_bucket: str) 
     s3_manifest = _upload(tmp_path, f"{s3_bucket}/shards/v1")
     local = cfg_for(manifest, micro_batch_size=2, num_workers=2, shuffle_buffer=4)
     remote = cfg_for(s3_manifest, micro_batch_size=2, num_workers=2, shuffle_buffer=4)
-    full_local, _ = _collect(build_loader(local, 0, 2, transform=ids_of), 2)
-    full_remote, _ = _collect(build_loader(remote, 0, 2, transform=ids_of), 2)
+    full_local, _ = collect(build_loader(local, 0, 2, transform=ids_of), 2)
+    full_remote, _ = collect(build_loader(remote, 0, 2, transform=ids_of), 2)
     assert full_remote == full_local
-    first, state = _collect(build_loader(remote, 0, 2, transform=ids_of), 2, (0, 3))
-    rest, _ = _collect(build_loader(remote, 0, 2, transform=ids_of, state=state), 2)
+    first, state = collect(build_loader(remote, 0, 2, transform=ids_of), 2, (0, 3))
+    rest, _ = collect(build_loader(remote, 0, 2, transform=ids_of, state=state), 2)
     assert first + rest == full_local
 
 

@@ -3,7 +3,7 @@ buffers through a tracking outage, and a no-op twin."""
 from __future__ import annotations
 
 import logging
-import socket
+import threading
 import time
 
 import pytest
@@ -11,6 +11,7 @@ import pytest
 from aov_dist.tracking.config import TrackingConfig
 from aov_dist.tracking.mlflow_tracker import MlflowTracker, NullTracker, create_run, make_tracker
 from aov_dist.tracking.redact import MASK, flatten, redact
+from train_harness import free_port
 
 RESOLVED = {
     "stage": {"name": "stage1", "lr": {"expert": 1e-4}},
@@ -117,24 +118,24 @@ def test_tracker_leaves_a_dead_server_alone_and_drops_overflow():
 def test_unreachable_server_at_job_start_runs_untracked(monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed again: nobody listens there
+    port = free_port()  # closed again: nobody listens there
     t0 = time.monotonic()
     assert create_run(TrackingConfig(uri=f"http://127.0.0.1:{port}"), "job", RESOLVED, "") is None
-    assert time.monotonic() - t0 < 30
+    assert time.monotonic() - t0 < 30  # a generous failsafe against a hang (no retries: about 1 s)
 
 
 class _GatedClient(_FlakyClient):
-    """Every call waits until ``gate`` is set: a tracking server slower than the training step."""
+    """Every call waits until ``gate`` is set: a tracking server slower than the training step.
+    ``entered`` is set once a call waits there; ``callers`` are the threads that made the calls."""
 
     def __init__(self):
         super().__init__()
-        import threading
-
-        self.gate = threading.Event()
+        self.gate, self.entered = threading.Event(), threading.Event()
+        self.callers: list[threading.Thread] = []
 
     def _call(self, *args):
+        self.callers.append(threading.current_thread())
+        self.entered.set()
         assert self.gate.wait(30), "gate never opened"
         super()._call(*args)
 
@@ -144,17 +145,17 @@ def test_background_tracker_never_blocks_and_sends_everything_in_order():
 
     client = _GatedClient()
     t = BackgroundTracker(MlflowTracker("http://unused", "run-1", client=client, retry_after_s=0.0))
-    t0 = time.monotonic()
-    stamps = []
     for step in range(1, 6):
-        stamps.append(int(time.time() * 1000))
         t.log_metrics({"loss": 1.0 / step, "lr": 0.1}, step=step)
         if step == 3:
             t.set_tag("aov.checkpoint.3", "/ckpt/step_3")
-    assert time.monotonic() - t0 < 1.0  # the server has answered nothing yet
-    assert client.calls == []
+    # every call returned while the server has answered nothing yet (the gate is still closed)
+    assert client.calls == [] and not client.gate.is_set()
+    assert client.entered.wait(30)  # the tracker's thread is waiting on the server meanwhile
     client.gate.set()
     t.close()
+    # the server was only ever called from the tracker's thread, never from the caller's
+    assert client.callers and threading.current_thread() not in client.callers
     # metric rows queued together went out as one log_batch; the tag stays between steps 3 and 4
     events = [x for c in client.calls for x in ([("tag", c[2])] if c[0] == "tag" else [(k, s) for k, _, s in c[2]])]
     assert events == [(k, s) for s in range(1, 4) for k in ("loss", "lr")] + [("tag", "aov.checkpoint.3")] + \
@@ -188,9 +189,7 @@ def test_background_tracker_drops_the_oldest_when_its_queue_is_full():
     client = _GatedClient()
     t = BackgroundTracker(MlflowTracker("http://unused", "run-1", client=client), max_queue=3)
     t.log_metrics({"loss": 0.0}, step=0)
-    deadline = time.monotonic() + 10
-    while not t._busy and time.monotonic() < deadline:  # the thread took step 0 and waits on the server
-        time.sleep(0.01)
+    assert client.entered.wait(30)  # the thread took step 0 and waits on the server
     for step in range(1, 6):
         t.log_metrics({"loss": float(step)}, step=step)
     assert t.dropped == 2

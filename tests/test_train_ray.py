@@ -13,9 +13,7 @@ pytestmark = pytest.mark.slow
 
 
 def _job(tmp_path, manifest, steps: int):
-    from hydra import compose, initialize_config_dir
-
-    from aov_dist.config import CONF_DIR
+    from train_harness import compose_cfg
 
     overrides = [
         f"data.datasets=[{{name: s, manifest: '{manifest}', weight: 1.0}}]",
@@ -26,8 +24,7 @@ def _job(tmp_path, manifest, steps: int):
         f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"tracking.artifact_location={tmp_path / 'art'}",
         "tracking.experiment=aov-e2e", "tracking.registered_model_name=aov-e2e", "tracking.system_metrics=false",
     ]
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose("config", overrides=overrides)
+    return compose_cfg(overrides)
 
 
 @pytest.fixture(scope="module")

@@ -4,47 +4,18 @@ stage-1 checkpoint as its init source."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
-from train_harness import free_port as _free_port
+
+from train_harness import run_ranks, typed_cfg
 
 pytestmark = pytest.mark.slow
 
 
-def _rank(rank: int, port: int, container: dict, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
-                      LOCAL_WORLD_SIZE="1", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    import torch
-    import torch.distributed as dist
-
-    from aov_dist.config import to_typed
-    from aov_dist.train.loop import run_training
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
-        r = run_training(to_typed(container), 0, 1)
-        with open(out, "w") as f:
-            json.dump({"losses": r.losses, "checkpoints": r.checkpoints}, f)
-    finally:
-        dist.destroy_process_group()
-
-
 def _train(overrides: list[str], out: str) -> dict:
-    import torch.multiprocessing as mp
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from aov_dist.config import CONF_DIR, validate
-    from aov_dist.train.driver import _absolutize
-
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        c = validate(compose("config", overrides=overrides))
-    _absolutize(c)
-    container = OmegaConf.to_container(OmegaConf.structured(c), resolve=True)
-    mp.spawn(_rank, args=(_free_port(), container, out), nprocs=1, join=True)
-    return json.load(open(out))
+    """run_training on one spawned gloo rank: its losses and checkpoints."""
+    (rank0,) = run_ranks(typed_cfg(overrides), out)
+    return rank0
 
 
 def _common(manifest, storage, steps: int) -> list[str]:
@@ -97,7 +68,7 @@ def test_stage1_expert_detects_then_stage2_loss_decreases(tmp_path, stage_data):
     s1 = _train(_common(manifest, tmp_path, 60) + [
         "train.run_name=s1", "data.micro_batch_size=8", "stage.global_batch_size=8", "stage.lr.expert=2e-3",
         "+stage.lr.vision_tower=5e-4", "stage.schedule=warmup_cosine", "stage.warmup_ratio=0.05"],
-        str(tmp_path / "s1.json"))
+        str(tmp_path / "s1"))
     stage1_ckpt = s1["checkpoints"][-1]
     auroc = _auroc(f"{stage1_ckpt}/hf", str(stage_data / "benchmark"))
     assert auroc > 0.62, auroc  # measured 0.705 (40 held-out images, 20 anomalous; chance 0.5)
@@ -105,7 +76,7 @@ def test_stage1_expert_detects_then_stage2_loss_decreases(tmp_path, stage_data):
     s2 = _train(_common(manifest, tmp_path, 12) + [
         "stage=stage2", "train.run_name=s2", f"stage.init_from={stage1_ckpt}",
         "stage.lr.projector=2e-3", "stage.lr.llm=2e-3", "stage.warmup_ratio=0.1", "data.max_length=1024"],
-        str(tmp_path / "s2.json"))
+        str(tmp_path / "s2"))
     losses = s2["losses"]
     assert len(losses) == 12
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
@@ -126,15 +97,15 @@ def test_checkpoints_on_s3_commit_and_resume(tmp_path, synthetic_shards, s3_buck
 
     base = _common(synthetic_shards.manifest_path, s3_bucket, 2) + ["train.run_name=s3run",
                                                                      "train.export_hf_in_checkpoints=false"]
-    part = _train(base, str(tmp_path / "a.json"))
+    part = _train(base, str(tmp_path / "a"))
     assert part["checkpoints"] == [f"{s3_bucket}/s3run/step_2"]
     assert ckpt.latest_committed(s3_bucket, "s3run") == f"{s3_bucket}/s3run/step_2"
     assert ckpt.read_json(f"{s3_bucket}/s3run/step_2/COMMITTED")["step"] == 2
     # an interrupted later save (no marker) is ignored by discovery
     ckpt.write_json(f"{s3_bucket}/s3run/step_3/trainer_state.json", {"step": 3})
     more = _train([o for o in base if not o.startswith("stage.max_steps")] + ["stage.max_steps=3"],
-                  str(tmp_path / "b.json"))
+                  str(tmp_path / "b"))
     full = _train([o for o in base if not o.startswith(("stage.max_steps", "train.run_name"))]
-                  + ["stage.max_steps=3", "train.run_name=s3full"], str(tmp_path / "c.json"))
+                  + ["stage.max_steps=3", "train.run_name=s3full"], str(tmp_path / "c"))
     assert more["losses"][:2] == part["losses"]
     assert more["losses"] == pytest.approx(full["losses"], rel=1e-6, abs=1e-7)

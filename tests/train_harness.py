@@ -1,5 +1,6 @@
 """Helpers of the training tests: compose job configs, run ``run_training`` on N gloo ranks in
-spawned processes (DeepSpeed for real, no Ray), read step folders and HF exports back.
+spawned processes (DeepSpeed for real, no Ray), read step folders and HF exports back, and commit
+checkpoints through ``loop._save`` with stand-ins for the DeepSpeed engine.
 
 Spawned processes (not forked): the parent test process may hold threads (MLflow, Ray), and each
 rank must start with a clean torch.distributed / DeepSpeed state.
@@ -17,15 +18,21 @@ import torch
 SYNTH_MANIFEST_NAME = "s"
 
 
-def compose_cfg(overrides: list[str]):
-    """The Hydra-composed DictConfig of conf/config.yaml with ``overrides`` (no validation)."""
+def compose_cfg(overrides: list[str], config_name: str = "config"):
+    """The Hydra-composed DictConfig of ``config_name`` with ``overrides`` (no validation):
+    ``"config"`` is the training job (conf/config.yaml), ``"aov_eval_schema"`` aov-eval's root
+    (its typed schema, registered here as the app registers it)."""
     from hydra import compose, initialize_config_dir
 
     from aov_dist.config import CONF_DIR, register_configs
 
     register_configs()
+    if config_name == "aov_eval_schema":
+        from aov_dist.eval.config import register_configs as register_eval_configs
+
+        register_eval_configs()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+        return compose(config_name=config_name, overrides=list(overrides))
 
 
 def tiny_overrides(manifest: str | Path, storage: str | Path, *, world: int = 1, num_workers: int = 1,
@@ -49,6 +56,17 @@ def tiny_overrides(manifest: str | Path, storage: str | Path, *, world: int = 1,
         "tracking.system_metrics=false",
     ]
     return ov + list(extra or [])
+
+
+def tracked_epoch_overrides(manifest: str | Path, tmp_path: Path, run_name: str, extra=()) -> list[str]:
+    """Overrides of one epoch of a 2-rank ZeRO-3 job (micro batch 2, global batch 4, no loader
+    workers, no checkpoint before the epoch's end) tracked in an MLflow sqlite store under
+    ``tmp_path``; its checkpoints go to ``tmp_path``/runs."""
+    return tiny_overrides(manifest, tmp_path / "runs", world=2, num_workers=0, steps=-1, global_batch=4, micro=2,
+                          run_name=run_name, tracking=True,
+                          extra=["stage.epochs=1", "train.checkpoint_every_steps=100", "data.shuffle_buffer=4",
+                                 f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+                                 f"tracking.artifact_location={tmp_path}/art", *extra])
 
 
 def typed_cfg(overrides: list[str]):
@@ -95,17 +113,26 @@ def _rank_main(rank: int, world: int, port: int, container: dict, out_dir: str, 
         dist.destroy_process_group()
 
 
-def run_ranks(cfg, out_dir: str | Path, rank_fn=train_rank, deadline_s: Optional[float] = None) -> list[dict]:
+def run_ranks(cfg, out_dir: str | Path, rank_fn=train_rank, deadline_s: Optional[float] = None,
+              expect_error: bool = False):
     """Run ``cfg`` (a TrainJobConfig from typed_cfg) on cfg.cluster.num_workers spawned gloo ranks;
-    returns every rank's dict. ``rank_fn(cfg, rank, world) -> dict`` (a module-level function, so
-    the spawned process can import it) defaults to ``train_rank``: the LoopResult (losses are global
-    means, equal on all ranks) and rank 0's metrics. ``deadline_s``: a rank still running then is a
-    hang: the ranks are killed and the test fails (instead of hanging the suite)."""
+    returns every rank's dict (also written to ``out_dir``/rank_<r>.json).
+
+    ``rank_fn(cfg, rank, world) -> dict`` defaults to ``train_rank``: the LoopResult (losses are
+    global means, equal on all ranks) and rank 0's metrics. The spawned process imports it by
+    name, so it is a module-level function, or a ``functools.partial`` of one that binds extra
+    keyword arguments (``partial(train_rank, run_id=...)``).
+
+    ``deadline_s``: a rank still running then is a hang: the ranks are killed and the test fails
+    (instead of hanging the suite). ``expect_error``: a rank must raise; returns that exception
+    (spawn has stopped the other ranks; its text holds the rank's traceback) and fails the test
+    when every rank finished. Without it, a rank's exception is raised here."""
     import time
 
     import pytest
     import torch.multiprocessing as mp
     from omegaconf import OmegaConf
+    from torch.multiprocessing.spawn import ProcessException
 
     world = cfg.cluster.num_workers
     out_dir = Path(out_dir)
@@ -113,11 +140,18 @@ def run_ranks(cfg, out_dir: str | Path, rank_fn=train_rank, deadline_s: Optional
     container = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     ctx = mp.spawn(_rank_main, args=(world, free_port(), container, str(out_dir), rank_fn), nprocs=world, join=False)
     end = None if deadline_s is None else time.monotonic() + deadline_s
-    while not ctx.join(timeout=2):
-        if end is not None and time.monotonic() > end:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"{world}-rank job still running after {deadline_s} s: a rank hangs")
+    try:
+        while not ctx.join(timeout=2):
+            if end is not None and time.monotonic() > end:
+                for p in ctx.processes:
+                    p.kill()
+                pytest.fail(f"{world}-rank job still running after {deadline_s} s: a rank hangs")
+    except ProcessException as e:  # a rank raised or died
+        if expect_error:
+            return e
+        raise
+    if expect_error:
+        pytest.fail(f"{world}-rank job finished on every rank, but a rank was expected to raise")
     return [json.loads((out_dir / f"rank_{r}.json").read_text()) for r in range(world)]
 
 
@@ -150,3 +184,70 @@ def assert_states_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], 
 
 def trainer_state(step_folder: str | Path) -> dict[str, Any]:
     return json.loads(Path(step_folder, "trainer_state.json").read_text())
+
+
+# ---- checkpoint saves without DeepSpeed: loop._save (the real commit/prune code) with stand-ins ----
+
+
+class FakeStrategy:
+    """The strategy's save side, writing plain files; its HF export is the module's (which may fail)."""
+
+    def __init__(self, module: "FakeModule"):
+        self.module = module
+
+    def save(self, directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        Path(directory, "state.bin").write_bytes(b"ds")
+
+    def save_hf(self, directory: str, processor) -> None:
+        self.module.save_pretrained(directory)
+        processor.save_pretrained(directory)
+
+    def barrier(self) -> None:  # one process: nothing to wait for
+        pass
+
+
+class FakeModule:
+    """An HF export that writes half a file, then fails with a full disk on step ``fail_on_step``
+    (``step_ref[0]`` is the step being saved)."""
+
+    def __init__(self, fail_on_step: Optional[int] = None, step_ref: Optional[list] = None):
+        self.fail_on_step, self.step_ref = fail_on_step, step_ref
+
+    def save_pretrained(self, path: str, state_dict=None, safe_serialization=True) -> None:
+        os.makedirs(path, exist_ok=True)
+        Path(path, "model.safetensors").write_bytes(b"half")  # half written, then the disk fails
+        if self.step_ref and self.step_ref[0] == self.fail_on_step:
+            raise OSError(28, "No space left on device")
+
+
+class FakeProcessor:
+    def save_pretrained(self, path: str) -> None:
+        Path(path, "processor.json").write_text("{}")
+
+
+class FakeLoader:
+    epoch = 0
+
+    def state_dict(self) -> dict:
+        return {"version": 1}
+
+
+def job_cfg(storage: str, keep: int = 1):
+    """A TrainJobConfig saving run ``run`` under ``storage``, keeping ``keep`` checkpoints."""
+    from aov_dist.config import TrainJobConfig
+
+    c = TrainJobConfig()
+    c.stage.lr = {"expert": 1e-4}
+    c.data.datasets[0].manifest = "shards/manifest.json"  # a data group always names one
+    c.train.storage_path, c.train.run_name, c.train.keep_checkpoints = storage, "run", keep
+    return c
+
+
+def save_checkpoint(cfg, step: int, module: Optional[FakeModule] = None) -> str:
+    """``loop._save`` of step ``step`` on rank 0 of 1 with the stand-ins; returns the step folder."""
+    from aov_dist.train import loop
+
+    result = loop.LoopResult(step=step, losses=[0.5] * step)
+    return loop._save(cfg, FakeStrategy(module or FakeModule()), FakeProcessor(), FakeLoader(), result,
+                      rank=0, world=1)

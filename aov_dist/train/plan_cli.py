@@ -54,16 +54,6 @@ class PlanOptions:
         return cls(d.get("json"), d.get("samples", 512), d.get("shards", 16))
 
 
-def compose(overrides: list[str]) -> DictConfig:
-    """conf/config.yaml with ``overrides`` (Hydra's compose API)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides))
-
-
 def fill_missing(cfg: DictConfig) -> dict[str, str]:
     """Give every missing mandatory value a placeholder (None where a string cannot go): {key: hint or ""}."""
     missing: dict[str, str] = {}

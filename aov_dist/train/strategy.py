@@ -264,6 +264,19 @@ class DeepSpeedStrategy:
                                               load_optimizer_states=True, load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint state under {directory!r}")
+        self._lr_from_schedule()
+
+    def _lr_from_schedule(self) -> None:
+        """Set every group's lr from this job's schedule at the restored step. The optimizer state
+        holds the lr the saving job's schedule gave for its next step; a job that resumes with
+        another length (a longer run, or one that ended at that checkpoint, where the schedule
+        has reached 0) must continue on its own schedule instead."""
+        sched = self.engine.lr_scheduler
+        if sched is None or not hasattr(sched, "lr_lambdas"):
+            return
+        for group, base, fn in zip(self.engine.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+            group["lr"] = base * fn(sched.last_epoch)
+        sched._last_lr = [group["lr"] for group in self.engine.optimizer.param_groups]
 
     def consolidated_state_dict(self) -> Optional[dict[str, torch.Tensor]]:
         """Full weights on rank 0, in host memory (collective under ZeRO-3; None on other ranks)."""
