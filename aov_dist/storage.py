@@ -151,6 +151,14 @@ def list_names(url: str, endpoint_url: Optional[str] = None) -> list[str]:
     return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
 
 
+def download(url: str, local_file: str) -> int:
+    """Copy one file to a local path; returns its size in bytes."""
+    fs, path = get_fs(url)
+    os.makedirs(os.path.dirname(os.path.abspath(local_file)), exist_ok=True)
+    fs.get(path, local_file)
+    return os.path.getsize(local_file)
+
+
 def copy_to_local(url: str, local_dir: str) -> None:
     """Copy a folder's files (recursively) into a local folder."""
     fs, path = get_fs(url)
@@ -173,26 +181,38 @@ def remove_tree(url: str) -> None:
 def localize(url: str | os.PathLike, cache_dir: Optional[str | os.PathLike] = None) -> Path:
     """A local folder holding the files of ``url`` (returned as is when already local).
 
-    A remote folder is copied once into ``cache_dir`` (default $AOV_CACHE or
-    ~/.cache/aov_dist/models), keyed by the URL; a marker file written last tells a complete copy
-    from an interrupted one."""
+    A remote folder is copied once per machine into ``cache_dir`` (default $AOV_CACHE or
+    ~/.cache/aov_dist/models), keyed by the URL: the 8 workers of a GPU node share one copy (a file
+    lock makes the others wait for it instead of downloading the same model 8 times), and a marker
+    written last tells a complete copy from an interrupted one."""
+    return localize_once(url, cache_dir)[0]
+
+
+def localize_once(url: str | os.PathLike, cache_dir: Optional[str | os.PathLike] = None) -> tuple[Path, bool]:
+    """``localize``, and whether this call did the copy (False: local, or another process's copy)."""
+    from filelock import FileLock
+
     text = os.fspath(url)
     if not is_remote(text):
         local = Path(local_path(text))
         if not local.is_dir():
             raise FileNotFoundError(f"model directory not found: {local}")
-        return local
+        return local, False
     root = Path(cache_dir or os.environ.get("AOV_CACHE", Path.home() / ".cache" / "aov_dist" / "models"))
     target = root / hashlib.sha256(text.rstrip("/").encode()).hexdigest()[:16]
     if (target / _MODEL_CACHE_DONE).exists():
-        return target
-    fs, remote = get_fs(text)
-    if not fs.isdir(remote):
-        raise FileNotFoundError(f"model directory not found: {text}")
-    target.mkdir(parents=True, exist_ok=True)
-    copy_to_local(text, str(target))
-    (target / _MODEL_CACHE_DONE).write_text(text)
-    return target
+        return target, False
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / _MODEL_CACHE_DONE).exists():  # another worker of this machine copied it meanwhile
+            return target, False
+        fs, remote = get_fs(text)
+        if not fs.isdir(remote):
+            raise FileNotFoundError(f"model directory not found: {text}")
+        target.mkdir(parents=True, exist_ok=True)
+        copy_to_local(text, str(target))
+        (target / _MODEL_CACHE_DONE).write_text(text)
+    return target, True
 
 
 def check_relative(rel: str) -> str:

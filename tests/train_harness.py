@@ -92,7 +92,7 @@ def train_rank(cfg, rank: int, world: int, **kwargs: Any) -> dict:
     metrics: list[dict] = []  # what rank 0 would log to MLflow, per step
     r = run_training(cfg, rank, world, on_step=metrics.append, **kwargs)
     return {"step": r.step, "losses": r.losses, "checkpoints": r.checkpoints, "resumed_from": r.resumed_from,
-            "skipped": r.skipped, "metrics": metrics, "optimizer": r.optimizer}
+            "skipped": r.skipped, "metrics": metrics, "optimizer": r.optimizer, "restored_bytes": r.restored_bytes}
 
 
 def _rank_main(rank: int, world: int, port: int, container: dict, out_dir: str, rank_fn) -> None:

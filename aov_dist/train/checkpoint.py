@@ -100,6 +100,41 @@ def resume_point(train) -> Optional[str]:
     return latest_committed(train.storage_path, train.run_name) if train.resume else None
 
 
+# What a resumed job must share with the job that wrote the checkpoint, and why.
+_RESUME_KEYS = {
+    "stage.name": "a checkpoint of one stage does not continue as another: start the next stage with "
+                  "stage.init_from=<this step folder> and a new train.run_name",
+    "model.preset": "the parameters would not match",
+    "deepspeed.zero_stage": "ZeRO-2 and ZeRO-3 files are laid out differently",
+    "stage.global_batch_size": "the sample order and the schedule are counted in global batches",
+    "data.micro_batch_size": "the micro-batches of every step would differ",
+}
+
+
+def check_resume(cfg, step_folder: str) -> None:
+    """Raise ConfigError naming the first key in which ``cfg`` differs from the job that wrote
+    ``step_folder`` (its config.yaml), with what to set; the world size must match too."""
+    from omegaconf import OmegaConf
+
+    from aov_dist.config import ConfigError
+
+    if not storage.exists(f"{step_folder}/{CONFIG_FILE}"):
+        return  # a checkpoint written before the config was saved with it: nothing to compare
+    saved = OmegaConf.create(storage.read_bytes(f"{step_folder}/{CONFIG_FILE}").decode())
+    now = OmegaConf.structured(cfg)
+    for key, why in _RESUME_KEYS.items():
+        was, want = OmegaConf.select(saved, key), OmegaConf.select(now, key)
+        if was != want:
+            raise ConfigError(key, f"{want!r}, but {step_folder} was written with {key}={was!r} ({why}); set "
+                              f"{key}={was} to resume it, or start a new run (another train.run_name, or "
+                              f"train.resume=false)")
+    workers = read_json(f"{step_folder}/trainer_state.json").get("world_size")
+    if workers is not None and workers != cfg.cluster.num_workers:
+        raise ConfigError("cluster.nodes", f"{step_folder} was written by {workers} workers and this job has "
+                          f"{cfg.cluster.num_workers} (cluster.nodes x cluster.workers_per_node): resume on "
+                          f"{workers} workers")
+
+
 def write_marker(path: str, step: int, world_size: int) -> None:
     body = {"step": step, "world_size": world_size, "time": time.time()}
     storage.write_bytes(f"{path}/{COMMIT_MARKER}", json.dumps(body).encode())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
@@ -101,6 +101,8 @@ def main(cfg: DictConfig | TrainJobConfig | dict[str, Any], show_progress: bool 
     deepspeed_accelerator(c.cluster)  # this environment's DS_ACCELERATOR, before anything starts
     _absolutize(c)
     c.train.resume_from = ckpt.resume_point(c.train)
+    if c.train.resume_from:
+        ckpt.check_resume(c, c.train.resume_from)  # a mismatch is named before anything starts
     container = OmegaConf.to_container(OmegaConf.structured(c), resolve=True)
     safe_yaml = OmegaConf.to_yaml(OmegaConf.create(redact(container)))
     run_id = create_run(c.tracking, c.train.run_name, container, safe_yaml,

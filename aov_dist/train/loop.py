@@ -37,6 +37,7 @@ class LoopResult:
     skipped: dict[str, int] = field(default_factory=dict)
     resumed_from: Optional[str] = None
     optimizer: str = ""
+    restored_bytes: int = 0  # what this rank downloaded to resume (remote checkpoints)
 
 
 def seed_everything(seed: int) -> None:
@@ -218,23 +219,37 @@ def quiet_library_warnings() -> None:
 
 
 def _restore(strategy, loader, skips, path: str, rank: int, result: LoopResult) -> None:
-    local = _localize_for_read(path)
-    strategy.load(f"{local}/ds")
+    local, fetched = _fetch_own_state(strategy, path, rank)
+    try:
+        strategy.load(f"{local}/ds")
+    finally:
+        if fetched is not None:
+            shutil.rmtree(local, ignore_errors=True)
     loader.load_state_dict(ckpt.read_json(f"{path}/loader/rank_{rank}.json"))
     ckpt.set_rng_state(ckpt.read_json(f"{path}/rng/rank_{rank}.json"))
     state = ckpt.read_json(f"{path}/trainer_state.json")
     skips.load_state_dict(state.get("skip_window", {}))
     result.step, result.losses, result.resumed_from = state["step"], list(state["losses"]), path
+    result.restored_bytes = fetched or 0
     log.info("rank %d resumed from %s at step %d", rank, path, result.step)
 
 
-def _localize_for_read(path: str) -> str:
-    """DeepSpeed reads local files: copy a remote step folder's ds/ to a local temp folder."""
+def _fetch_own_state(strategy, path: str, rank: int) -> tuple[str, Optional[int]]:
+    """DeepSpeed reads local files. From remote storage each rank downloads only the files it
+    loads (its own ZeRO partitions: 1/world of the state), not the whole ds/ folder. Returns the
+    local step folder and the bytes downloaded (None: the checkpoint was local already)."""
     if not storage.is_remote(path):
-        return path
+        return path, None
     tmp = tempfile.mkdtemp(prefix="aov-resume-")
-    storage.copy_to_local(f"{path}/ds", f"{tmp}/ds")
-    return tmp
+    state = f"{path}/ds/{strategy.TAG}"
+    fetched = 0
+    try:
+        for name in strategy.files_of_rank(storage.list_names(state), rank):
+            fetched += storage.download(f"{state}/{name}", f"{tmp}/ds/{strategy.TAG}/{name}")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp, fetched
 
 
 def _save(cfg: TrainJobConfig, strategy, processor, loader, result: LoopResult, rank: int,

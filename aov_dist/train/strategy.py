@@ -8,6 +8,7 @@ import functools
 import logging
 import math
 import pickle
+import re
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -81,6 +82,8 @@ def engine_call(engine, method: str, *args, **kwargs):
 class DeepSpeedStrategy:
     """DeepSpeed behind one object: the worker's device, the batch's way onto it, the collectives
     of the loop, the optimizer, the engine, save/load and consolidated weights."""
+
+    TAG = "state"  # the folder inside ds/ that DeepSpeed writes a checkpoint's files to
 
     def __init__(self, cfg: TrainJobConfig, device: Optional[torch.device] = None):
         self.cfg = cfg
@@ -253,14 +256,14 @@ class DeepSpeedStrategy:
     # -------------------------------------------------------------------- save and load
     def save(self, directory: str) -> None:
         """Every rank writes its own partitions (collective)."""
-        self.engine.save_checkpoint(directory, tag="state", save_latest=False)
+        self.engine.save_checkpoint(directory, tag=self.TAG, save_latest=False)
 
     def load(self, directory: str) -> None:
         """Restore every rank's state; DeepSpeed's files go through the safe checkpoint engine."""
         if not isinstance(self.engine.checkpoint_engine, safe_checkpoint_engine_class()):
             raise RuntimeError("refusing to load a DeepSpeed checkpoint without the safe checkpoint engine "
                                "(build the engine with DeepSpeedStrategy.initialize)")
-        path, _ = self.engine.load_checkpoint(directory, tag="state", load_module_strict=True,
+        path, _ = self.engine.load_checkpoint(directory, tag=self.TAG, load_module_strict=True,
                                               load_optimizer_states=True, load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint state under {directory!r}")
@@ -294,6 +297,19 @@ class DeepSpeedStrategy:
             processor.save_pretrained(directory)
 
     @staticmethod
+    def files_of_rank(names: Sequence[str], rank: int) -> list[str]:
+        """The files of a saved ``ds/state`` folder that ``rank`` loads when resuming on the same
+        world size: its own ZeRO partitions (``*zero_pp_rank_<rank>_*``) and the files every rank
+        reads (ZeRO-2's ``mp_rank_00_model_states.pt``)."""
+        own = re.compile(r"zero_pp_rank_(\d+)_")
+        out = []
+        for name in names:
+            m = own.search(name)
+            if (m is None and name.endswith(".pt")) or (m is not None and int(m.group(1)) == rank):
+                out.append(name)
+        return out
+
+    @staticmethod
     def state_dict_from_shards(ds_dir: str) -> dict[str, torch.Tensor]:
         """Full fp32 weights from every rank's ZeRO files of a local ``ds/`` folder. DeepSpeed's
         reader unpickles with weights_only=False: every file is safe-loaded first, so a tampered
@@ -301,7 +317,7 @@ class DeepSpeedStrategy:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         verify_ds_checkpoint(ds_dir)
-        return get_fp32_state_dict_from_zero_checkpoint(ds_dir, tag="state")
+        return get_fp32_state_dict_from_zero_checkpoint(ds_dir, tag=DeepSpeedStrategy.TAG)
 
     # ------------------------------------------------------------------ full parameters
     @contextlib.contextmanager
