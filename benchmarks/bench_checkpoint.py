@@ -6,10 +6,14 @@ model and engine exactly as ``aov_dist.train.loop.run_training`` does and train 
 optimizer state exists). Then, per storage (local folder, ``s3://`` on a moto server started
 here):
 
-* blocked per save: the whole ``loop._save`` call (DeepSpeed shards of every rank, loader and RNG
-  state, consolidated hf/ export on rank 0, upload for s3://, barrier, COMMITTED marker, pruning),
-  i.e. how long training stands still; its parts: ``strategy.save`` (ds/) and the hf/ export;
-* restore: ``loop._restore`` (download of ds/ for s3://, ``engine.load_checkpoint``, loader, RNG);
+* blocked per save: ``CheckpointWriter.save`` (DeepSpeed shards of every rank, loader and RNG
+  state, the consolidation of the hf/ export; on local storage also the hf/ write, the barrier,
+  the COMMITTED marker and pruning; on s3:// the upload runs in the background), i.e. how long
+  training stands still; and the whole save, ``save`` + ``finish`` (waiting for the upload and the
+  commit), i.e. what a synchronous save would block; its parts: ``strategy.save`` (ds/) and the
+  hf/ export;
+* restore: ``checkpointing.restore`` (each rank's own files from s3://, ``engine.load_checkpoint``,
+  loader, RNG), and the bytes each rank downloaded;
 * sizes of ds/, hf/ and the whole step folder.
 
 Times are the slowest rank's (the save ends in a barrier), median over ``--saves`` saves.
@@ -73,6 +77,7 @@ def _rank_main(rank: int, port: int, a: dict, storages: dict[str, str], out: str
     from aov_dist.config import validate
     from aov_dist.data.skip_policy import SkipPolicy
     from aov_dist.train import loop
+    from aov_dist.train.checkpointing import CheckpointWriter, restore
     from aov_dist.train.strategy import DeepSpeedStrategy
     from aov_dist.train.tasks import make_task
 
@@ -94,25 +99,33 @@ def _rank_main(rank: int, port: int, a: dict, storages: dict[str, str], out: str
         loss = task.loss(strategy, strategy.to_device(next(batches)))  # one step: optimizer state exists
         strategy.backward(loss)
         strategy.step()
-        result = loop.LoopResult(step=0)
-        saves, ds_only, hf_only = [], [], []
+        committed: list[str] = []
+        writer = CheckpointWriter(cfg, strategy, processor, rank, WORLD, lambda s, p, m: committed.append(p))
+        saves, whole, ds_only, hf_only = [], [], [], []
         for i in range(a["saves"]):
-            result.step = i + 1
-            saves.append(_timed(lambda: loop._save(cfg, strategy, processor, loader, result, rank, WORLD)))
+            start = time.perf_counter()
+            saves.append(_timed(lambda: writer.save(i + 1, [0.0] * (i + 1), loader, None, {})))
+            writer.finish()
+            dist.barrier()
+            whole.append(time.perf_counter() - start)
             scratch = tempfile.mkdtemp(prefix="bench-ckpt-part-")  # the parts, on local disk
             ds_only.append(_timed(lambda: strategy.save(f"{scratch}/ds")))
             hf_only.append(_timed(lambda: strategy.save_hf(f"{scratch}/hf", processor)))
             shutil.rmtree(scratch, ignore_errors=True)
-        path = result.checkpoints[-1] if result.checkpoints else f"{storage.rstrip('/')}/bench/step_{result.step}"
+        path = committed[-1]
         restored = loop.LoopResult(step=0)
         skips = SkipPolicy(cfg.data.skip_window, cfg.data.max_skip_fraction, cfg.data.fail_skip_fraction)
-        restore_s = [_timed(lambda: loop._restore(strategy, loader, skips, path, rank, restored))
+        restore_s = [_timed(lambda: restore(strategy, loader, skips, path, rank, restored))
                      for _ in range(a["saves"])]
-        if restored.step != result.step:
-            raise RuntimeError(f"restored step {restored.step} from {path}, saved {result.step}")
+        if restored.step != a["saves"]:
+            raise RuntimeError(f"restored step {restored.step} from {path}, saved {a['saves']}")
+        read = [0.0] * WORLD
+        read[rank] = float(restored.restored_bytes)
+        read = strategy.sum_over_ranks(read)
         if rank == 0:
-            report[kind] = {"path": path, "save_s": saves, "ds_save_s": ds_only, "hf_export_s": hf_only,
-                            "restore_s": restore_s, "bytes_total": dir_bytes(path),
+            report[kind] = {"path": path, "save_s": saves, "whole_save_s": whole, "ds_save_s": ds_only,
+                            "hf_export_s": hf_only, "restore_s": restore_s, "restored_bytes_per_rank": read,
+                            "bytes_total": dir_bytes(path),
                             "bytes_ds": dir_bytes(f"{path}/ds"), "bytes_hf": dir_bytes(f"{path}/hf"),
                             "params": strategy.numel()}
         del model  # the strategy (and its engine) is replaced in the next round
@@ -157,10 +170,13 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     print(machine_line(info))
     print(f"checkpoint benchmark: tiny Anomaly-OV {a.stage} ({report[kinds[0]]['params'] / 1e6:.2f} M params), "
           f"DeepSpeed ZeRO-3, {WORLD} gloo ranks, median of {a.saves} saves/restores, slowest rank")
-    rows = [[k, med(r["save_s"]), med(r["ds_save_s"]), med(r["hf_export_s"]), med(r["restore_s"]),
+    rows = [[k, med(r["save_s"]), med(r["whole_save_s"]), med(r["save_s"]) / med(r["whole_save_s"]),
+             med(r["ds_save_s"]), med(r["hf_export_s"]), med(r["restore_s"]),
+             " / ".join(f"{b / 2**20:.2f}" for b in r["restored_bytes_per_rank"]),
              r["bytes_total"] / 2**20, r["bytes_ds"] / 2**20, r["bytes_hf"] / 2**20] for k, r in report.items()]
-    print(markdown_table(["storage", "blocked per save s", "ds/ save s", "hf/ export s", "restore s",
-                          "step folder MB", "ds/ MB", "hf/ MB"], rows))
+    print(markdown_table(["storage", "blocked per save s", "whole save s", "blocked / whole", "ds/ save s",
+                          "hf/ export s", "restore s", "MB read per rank to resume", "step folder MB", "ds/ MB",
+                          "hf/ MB"], rows))
     result = {"machine": info, "args": vars(a), "results": report}
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=2))

@@ -70,3 +70,77 @@ def test_each_rank_downloads_only_its_own_share_when_resuming_from_s3(synthetic_
     assert [r["resumed_from"] for r in ranks] == [f"{s3_bucket}/runs/share/step_2"] * 2
     assert [r["restored_bytes"] for r in ranks] == per_rank  # its own partitions, nothing else
     assert all(0 < b < sum(sizes.values()) for b in per_rank)
+
+
+def _slow_then_killed_upload(cfg, rank: int, world: int, kill_step: int) -> dict:
+    """Step 2's upload takes 3 s (training goes on meanwhile); the upload of ``kill_step`` kills
+    the process half-way, as a preempted node would."""
+    import os
+    import time
+
+    from aov_dist.train import checkpointing
+    from aov_dist.train.loop import run_training
+
+    real = checkpointing.upload_part
+
+    def upload(local, final, r):
+        if final.endswith(f"step_{kill_step}"):
+            checkpointing.storage.write_bytes(f"{final}/partial", b"half")  # something reached storage
+            os._exit(17)
+        time.sleep(3.0)
+        real(local, final, r)
+
+    checkpointing.upload_part = upload
+    steps_seen: list[int] = []
+    commits: list[tuple[int, int]] = []
+    result = run_training(cfg, rank, world, on_step=lambda m: steps_seen.append(m["step"]),
+                          on_checkpoint=lambda step, path, m: commits.append((step, len(steps_seen))))
+    return {"losses": result.losses, "commits": commits}
+
+
+def _commit_points(cfg, rank: int, world: int) -> dict:
+    from aov_dist.train.loop import run_training
+
+    steps_seen: list[int] = []
+    commits: list[tuple[int, int]] = []
+    result = run_training(cfg, rank, world, on_step=lambda m: steps_seen.append(m["step"]),
+                          on_checkpoint=lambda step, path, m: commits.append((step, len(steps_seen))))
+    return {"losses": result.losses, "commits": commits, "resumed_from": result.resumed_from}
+
+
+@pytest.mark.slow
+def test_a_kill_during_the_background_upload_resumes_from_the_previous_commit_with_the_same_losses(
+        synthetic_shards, s3_bucket, tmp_path):
+    from functools import partial
+
+    from aov_dist import storage
+
+    def job(run: str):
+        return typed_cfg(tiny_overrides(synthetic_shards.manifest_path, f"{s3_bucket}/runs", world=2, num_workers=0,
+                                        steps=6, global_batch=4, micro=2, run_name=run,
+                                        extra=["train.checkpoint_every_steps=2", "train.keep_checkpoints=3"]))
+
+    whole = run_ranks(job("whole"), tmp_path / "whole", rank_fn=_commit_points, deadline_s=600)
+    # uninterrupted and on S3: step 2's checkpoint commits while later steps train (rank 0's view)
+    assert [s for s, _ in whole[0]["commits"]] == [2, 4, 6]
+    err = run_ranks(job("killed"), tmp_path / "killed", rank_fn=partial(_slow_then_killed_upload, kill_step=4),
+                    deadline_s=600, expect_error=True)
+    assert "exit code 17" in str(err) or "exited with exit code 17" in str(err), err
+    assert storage.exists(f"{s3_bucket}/runs/killed/step_4/partial")  # half-written, never committed
+    assert ckpt.latest_committed(f"{s3_bucket}/runs", "killed") == f"{s3_bucket}/runs/killed/step_2"
+    resumed = run_ranks(job("killed"), tmp_path / "resumed", rank_fn=_commit_points, deadline_s=600)
+    assert resumed[0]["resumed_from"] == f"{s3_bucket}/runs/killed/step_2"
+    assert resumed[0]["losses"] == pytest.approx(whole[0]["losses"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_training_goes_on_while_a_checkpoint_uploads(synthetic_shards, s3_bucket, tmp_path):
+    from functools import partial
+
+    cfg = typed_cfg(tiny_overrides(synthetic_shards.manifest_path, f"{s3_bucket}/runs", world=2, num_workers=0,
+                                   steps=5, global_batch=4, micro=2, run_name="async",
+                                   extra=["train.checkpoint_every_steps=2", "train.keep_checkpoints=3"]))
+    ranks = run_ranks(cfg, tmp_path / "out", rank_fn=partial(_slow_then_killed_upload, kill_step=99), deadline_s=600)
+    commits = dict(ranks[0]["commits"])
+    assert sorted(commits) == [2, 4, 5]
+    assert commits[2] > 2  # step 2's 3-second upload did not stop training: it committed after step 3 or later

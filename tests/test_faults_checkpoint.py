@@ -1,7 +1,7 @@
 """Crash during a checkpoint write: a half-written step folder is never loaded, and old checkpoints
 are deleted only after a newer one is committed.
 
-The fast tests drive ``loop._save`` (the real commit/prune code) with stand-ins for the DeepSpeed
+The fast tests drive ``checkpointing.CheckpointWriter`` (the real commit/prune code) with stand-ins for the DeepSpeed
 engine (``train_harness.save_checkpoint``), so a failure can be planted at any file-system call;
 the slow one crashes a real 1-rank ZeRO-3 run while it writes step 4 and resumes it.
 """

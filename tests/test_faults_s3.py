@@ -15,7 +15,7 @@ import pytest
 from aov_dist import storage
 from aov_dist.data import reader as reader_mod
 from aov_dist.train import checkpoint as ckpt
-from aov_dist.train import loop
+from aov_dist.train import checkpointing
 from shard_helpers import build_loader, cfg_for
 from train_harness import free_port, job_cfg, save_checkpoint
 
@@ -102,7 +102,7 @@ def _ids(loader) -> list[str]:
 
 
 def _loader(manifest: str, transform=lambda s: s["id"]):
-    return build_loader(cfg_for(manifest, micro_batch_size=1, num_workers=0, shuffle_buffer=1), 0, 1,
+    return build_loader(cfg_for(manifest, micro_batch_size=1, num_workers=0), 0, 1,
                         transform=transform)
 
 
@@ -179,7 +179,8 @@ def test_missing_shard_is_still_counted_as_corrupt_not_retried(tmp_path, synthet
     monkeypatch.setattr(reader_mod, "READ_BACKOFF_S", 60.0)  # a retry would make this test hang
     loader = _loader(str(copy / "manifest.json"))
     _ids(loader)
-    assert loader.skipped == {"corrupt_tar": first["samples"]}
+    # each lost sample once in its place (a replacement from the refill sequence may meet one again)
+    assert set(loader.skipped) == {"corrupt_tar"} and loader.skipped["corrupt_tar"] >= first["samples"]
 
 
 class _Watched:
@@ -269,7 +270,7 @@ def test_upload_that_keeps_failing_fails_the_step_and_keeps_the_previous_checkpo
 
 def test_upload_survives_a_short_outage(s3_bucket, proxy, monkeypatch):
     cfg = job_cfg(f"{s3_bucket}/runs", keep=1)
-    real_put = loop._upload
+    real_put = checkpointing.upload_part
     calls = []
 
     def upload(local, final, rank):  # S3 goes away just as the upload starts, for 2 s
@@ -278,7 +279,7 @@ def test_upload_survives_a_short_outage(s3_bucket, proxy, monkeypatch):
         threading.Timer(2.0, proxy.up).start()
         real_put(local, final, rank)
 
-    monkeypatch.setattr(loop, "_upload", upload)
+    monkeypatch.setattr(checkpointing, "upload_part", upload)
     assert save_checkpoint(cfg, 2) == f"{s3_bucket}/runs/run/step_2"
     assert ckpt.is_committed(f"{s3_bucket}/runs/run/step_2") and len(calls) == 1
     assert storage.exists(f"{s3_bucket}/runs/run/step_2/hf/model.safetensors")

@@ -1,6 +1,6 @@
 """Helpers of the training tests: compose job configs, run ``run_training`` on N gloo ranks in
 spawned processes (DeepSpeed for real, no Ray), read step folders and HF exports back, and commit
-checkpoints through ``loop._save`` with stand-ins for the DeepSpeed engine.
+checkpoints through ``checkpointing.CheckpointWriter`` with stand-ins for the DeepSpeed engine.
 
 Spawned processes (not forked): the parent test process may hold threads (MLflow, Ray), and each
 rank must start with a clean torch.distributed / DeepSpeed state.
@@ -186,7 +186,7 @@ def trainer_state(step_folder: str | Path) -> dict[str, Any]:
     return json.loads(Path(step_folder, "trainer_state.json").read_text())
 
 
-# ---- checkpoint saves without DeepSpeed: loop._save (the real commit/prune code) with stand-ins ----
+# ---- checkpoint saves without DeepSpeed: CheckpointWriter (the real commit/prune code) with stand-ins ----
 
 
 class FakeStrategy:
@@ -199,12 +199,18 @@ class FakeStrategy:
         os.makedirs(directory, exist_ok=True)
         Path(directory, "state.bin").write_bytes(b"ds")
 
-    def save_hf(self, directory: str, processor) -> None:
+    def consolidated_state_dict(self) -> dict:
+        return {}
+
+    def write_hf(self, directory: str, state: dict, processor) -> None:
         self.module.save_pretrained(directory)
         processor.save_pretrained(directory)
 
     def barrier(self) -> None:  # one process: nothing to wait for
         pass
+
+    def sum_over_ranks(self, counts):  # one process: its own counts
+        return list(counts)
 
 
 class FakeModule:
@@ -245,9 +251,14 @@ def job_cfg(storage: str, keep: int = 1):
 
 
 def save_checkpoint(cfg, step: int, module: Optional[FakeModule] = None) -> str:
-    """``loop._save`` of step ``step`` on rank 0 of 1 with the stand-ins; returns the step folder."""
-    from aov_dist.train import loop
+    """The save of step ``step`` on rank 0 of 1 with the stand-ins, waited for (a remote upload
+    too) and committed; returns the committed step folder."""
+    from aov_dist.train.checkpointing import CheckpointWriter
 
-    result = loop.LoopResult(step=step, losses=[0.5] * step)
-    return loop._save(cfg, FakeStrategy(module or FakeModule()), FakeProcessor(), FakeLoader(), result,
-                      rank=0, world=1)
+    committed: list[str] = []
+    writer = CheckpointWriter(cfg, FakeStrategy(module or FakeModule()), FakeProcessor(), rank=0, world=1,
+                              on_commit=lambda s, path, m: committed.append(path))
+    writer.save(step, [0.5] * step, FakeLoader(), None, {})
+    writer.finish()
+    (path,) = committed
+    return path

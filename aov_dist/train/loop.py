@@ -10,7 +10,6 @@ import logging
 import math
 import os
 import random
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -18,10 +17,8 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 
 from aov_dist.config import TrainJobConfig, micro_steps_per_step, to_typed
-from aov_dist import storage
 from aov_dist.train import checkpoint as ckpt
 from aov_dist.train.strategy import DeepSpeedStrategy
 from aov_dist.train.tasks import make_task
@@ -51,16 +48,21 @@ class StepTotals:
     loss: float  # mean over ranks of each rank's mean micro-batch loss
     tokens: int  # summed over ranks
     skipped: dict[str, int]  # per skip reason, summed over ranks (the job's bad samples)
+    uploaded: int  # ranks whose part of the checkpoint in flight is uploaded (checkpointing.py)
+    upload_failed: int  # ranks whose upload failed
 
 
 def _step_totals(strategy: DeepSpeedStrategy, loss_sum: torch.Tensor, accum: int, tokens: int,
-                 skipped: dict[str, int], world: int) -> StepTotals:
-    """One all-reduce per step for every number the step logs (a round trip each otherwise). A
-    fixed reason list keeps the tensor the same size on every rank."""
+                 skipped: dict[str, int], upload_status: list[float], world: int) -> StepTotals:
+    """One all-reduce per step for every number the step needs from all ranks (a round trip each
+    otherwise). A fixed reason list keeps the tensor the same size on every rank."""
     from aov_dist.data.decode import SKIP_REASONS
 
-    v = strategy.reduce_step_totals(loss_sum, [float(tokens), *(float(skipped.get(k, 0)) for k in SKIP_REASONS)])
-    return StepTotals(v[0] / accum / world, int(v[1]), {k: int(c) for k, c in zip(SKIP_REASONS, v[2:])})
+    v = strategy.reduce_step_totals(loss_sum, [float(tokens), *(float(skipped.get(k, 0)) for k in SKIP_REASONS),
+                                               *upload_status])
+    n = len(SKIP_REASONS)
+    return StepTotals(v[0] / accum / world, int(v[1]), {k: int(c) for k, c in zip(SKIP_REASONS, v[2:2 + n])},
+                      int(v[2 + n]), int(v[3 + n]))
 
 
 def run_training(cfg: TrainJobConfig, rank: int, world: int, run_id: Optional[str] = None,
@@ -79,7 +81,8 @@ def run_training(cfg: TrainJobConfig, rank: int, world: int, run_id: Optional[st
     DeepSpeed engine: every step, save and load goes through the strategy.
     """
     from aov_dist.data.skip_policy import SkipPolicy
-    from aov_dist.tracking.mlflow_tracker import make_tracker
+    from aov_dist.tracking.mlflow_tracker import CHECKPOINT_TAG, make_tracker
+    from aov_dist.train.checkpointing import CheckpointWriter, restore, run_hooks
     from aov_dist.tracking.system_metrics import start_node_monitor, stop_node_monitor
 
     quiet_library_warnings()
@@ -101,15 +104,22 @@ def run_training(cfg: TrainJobConfig, rank: int, world: int, run_id: Optional[st
     result = LoopResult(step=0, optimizer=strategy.optimizer_name)
     resume = ckpt.resume_point(cfg.train)
     if resume:
-        _restore(strategy, loader, skips, resume, rank, result)
+        restore(strategy, loader, skips, resume, rank, result)
     tracker = make_tracker(cfg.tracking, run_id, rank)
+
+    def committed(step: int, path: str, metrics: dict) -> None:
+        result.checkpoints.append(path)
+        if rank == 0:
+            tracker.set_tag(f"{CHECKPOINT_TAG}{step}", path)
+
+    writer = CheckpointWriter(cfg, strategy, processor, rank, world, run_hooks(committed, on_checkpoint))
     # the first worker of each node samples the node's CPUs, memory and GPUs into the run
     monitor = (start_node_monitor(cfg.tracking, run_id, int(os.environ.get("NODE_RANK", 0)), cfg.cluster.nodes)
                if int(os.environ.get("LOCAL_RANK", rank)) == 0 else None)
     try:
-        job = _Job(cfg, strategy, task, processor, loader, skips, tracker, rank, world, total, accum,
-                   strategy.numel())
-        _train_steps(job, result, on_step, on_checkpoint, stop_after)
+        job = _Job(cfg, strategy, task, loader, skips, tracker, writer, rank, world, total, accum, strategy.numel())
+        _train_steps(job, result, on_step, stop_after)
+        writer.finish()  # the last checkpoint's upload, then its commit
         if on_end is not None:
             on_end(strategy, processor)
     finally:
@@ -126,10 +136,10 @@ class _Job:
     cfg: TrainJobConfig
     strategy: DeepSpeedStrategy
     task: Any
-    processor: Any
     loader: Any
     skips: Any
     tracker: Any
+    writer: Any  # checkpointing.CheckpointWriter
     rank: int
     world: int
     total: int  # optimizer steps of the stage
@@ -137,11 +147,9 @@ class _Job:
     n_params: int
 
 
-def _train_steps(job: _Job, result: LoopResult, on_step, on_checkpoint, stop_after: Optional[int]) -> None:
+def _train_steps(job: _Job, result: LoopResult, on_step, stop_after: Optional[int]) -> None:
     """Optimizer steps until ``total`` (or ``stop_after``): forward/backward of every micro-batch,
-    one all-reduce of what the step logs, metrics, checkpoints."""
-    from aov_dist.tracking.mlflow_tracker import CHECKPOINT_TAG
-
+    one all-reduce of what the step logs and of the checkpoint upload states, metrics, checkpoints."""
     cfg, strategy, task, loader, rank = job.cfg, job.strategy, job.task, job.loader, job.rank
     total, accum = job.total, job.accum
 
@@ -168,7 +176,8 @@ def _train_steps(job: _Job, result: LoopResult, on_step, on_checkpoint, stop_aft
             strategy.step()
             loss_sum = loss_sum + loss.detach().float()
         result.step += 1
-        totals = _step_totals(strategy, loss_sum, accum, tokens, loader.skipped, job.world)
+        totals = _step_totals(strategy, loss_sum, accum, tokens, loader.skipped, job.writer.status(), job.world)
+        job.writer.settle(totals.uploaded, totals.upload_failed)  # commits an uploaded checkpoint
         result.losses.append(totals.loss)
         elapsed = time.perf_counter() - t0
         metrics = {"loss": totals.loss, "epoch": loader.epoch,
@@ -191,12 +200,7 @@ def _train_steps(job: _Job, result: LoopResult, on_step, on_checkpoint, stop_aft
         if on_step and rank == 0:
             on_step({"step": result.step, "total": total, **metrics})
         if result.step % cfg.train.checkpoint_every_steps == 0 or result.step == total:
-            path = _save(cfg, strategy, job.processor, loader, result, rank, job.world, job.skips)
-            result.checkpoints.append(path)
-            if rank == 0:
-                job.tracker.set_tag(f"{CHECKPOINT_TAG}{result.step}", path)
-            if on_checkpoint:
-                on_checkpoint(result.step, path, metrics)
+            job.writer.save(result.step, result.losses, loader, job.skips, metrics)
         if stop_after is not None and result.step >= stop_after:
             break
 
@@ -216,93 +220,6 @@ def quiet_library_warnings() -> None:
 
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.distributed")
-
-
-def _restore(strategy, loader, skips, path: str, rank: int, result: LoopResult) -> None:
-    local, fetched = _fetch_own_state(strategy, path, rank)
-    try:
-        strategy.load(f"{local}/ds")
-    finally:
-        if fetched is not None:
-            shutil.rmtree(local, ignore_errors=True)
-    loader.load_state_dict(ckpt.read_json(f"{path}/loader/rank_{rank}.json"))
-    ckpt.set_rng_state(ckpt.read_json(f"{path}/rng/rank_{rank}.json"))
-    state = ckpt.read_json(f"{path}/trainer_state.json")
-    skips.load_state_dict(state.get("skip_window", {}))
-    result.step, result.losses, result.resumed_from = state["step"], list(state["losses"]), path
-    result.restored_bytes = fetched or 0
-    log.info("rank %d resumed from %s at step %d", rank, path, result.step)
-
-
-def _fetch_own_state(strategy, path: str, rank: int) -> tuple[str, Optional[int]]:
-    """DeepSpeed reads local files. From remote storage each rank downloads only the files it
-    loads (its own ZeRO partitions: 1/world of the state), not the whole ds/ folder. Returns the
-    local step folder and the bytes downloaded (None: the checkpoint was local already)."""
-    if not storage.is_remote(path):
-        return path, None
-    tmp = tempfile.mkdtemp(prefix="aov-resume-")
-    state = f"{path}/ds/{strategy.TAG}"
-    fetched = 0
-    try:
-        for name in strategy.files_of_rank(storage.list_names(state), rank):
-            fetched += storage.download(f"{state}/{name}", f"{tmp}/ds/{strategy.TAG}/{name}")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return tmp, fetched
-
-
-def _save(cfg: TrainJobConfig, strategy, processor, loader, result: LoopResult, rank: int,
-          world: int, skips=None) -> str:
-    """Every rank writes its part; after a barrier rank 0 writes the marker, then prunes old ones."""
-    storage_path, run = cfg.train.storage_path, cfg.train.run_name
-    final = ckpt.step_dir(storage_path, run, result.step)
-    remote = storage.is_remote(final)
-    local = tempfile.mkdtemp(prefix="aov-ckpt-") if remote else final
-    os.makedirs(local, exist_ok=True)
-    strategy.save(f"{local}/ds")
-    os.makedirs(f"{local}/loader", exist_ok=True)
-    os.makedirs(f"{local}/rng", exist_ok=True)
-    ckpt.write_json(f"{local}/loader/rank_{rank}.json", loader.state_dict())
-    ckpt.write_json(f"{local}/rng/rank_{rank}.json", ckpt.rng_state())
-    if cfg.train.export_hf_in_checkpoints:
-        strategy.save_hf(f"{local}/hf", processor)  # collective; rank 0 writes
-    if rank == 0:
-        ckpt.write_json(f"{local}/trainer_state.json", {"step": result.step, "losses": result.losses,
-                                                        "epoch": loader.epoch, "world_size": world,
-                                                        "skip_window": skips.state_dict() if skips else {}})
-        # the job's resolved config: aov-export rebuilds the model from it (no hf/ needed)
-        # (redacted: a secret-looking key, e.g. a judge API key, must not land in storage)
-        storage.write_bytes(f"{local}/{ckpt.CONFIG_FILE}", _safe_yaml(cfg).encode())
-    if remote:  # each rank uploads what it wrote; a failed upload fails the step before any marker
-        try:
-            _upload(local, final, rank)
-        finally:
-            shutil.rmtree(local, ignore_errors=True)
-    strategy.barrier()
-    if rank == 0:
-        ckpt.write_marker(final, result.step, world)
-        ckpt.prune(storage_path, run, cfg.train.keep_checkpoints)
-    strategy.barrier()
-    return final
-
-
-def _safe_yaml(cfg: TrainJobConfig) -> str:
-    from aov_dist.tracking.redact import redact
-
-    return OmegaConf.to_yaml(OmegaConf.create(redact(OmegaConf.to_container(OmegaConf.structured(cfg)))))
-
-
-def _upload(local: str, final: str, rank: int) -> None:
-    """Each rank's part of a remote checkpoint. botocore retries every request (storage.py); a
-    copy that still fails fails the step, naming the target: no marker is written, so the previous
-    checkpoint stays the newest committed one."""
-    try:
-        storage.copy_from_local(local, final)
-    except Exception as e:
-        raise RuntimeError(f"checkpoint {final}: rank {rank} could not upload its part ({type(e).__name__}: {e}; "
-                           f"each request was tried {storage.WRITE_ATTEMPTS} times); the step is not committed, "
-                           f"the previous checkpoint stays the newest") from e
 
 
 def worker_entry(config: dict[str, Any]) -> None:

@@ -130,10 +130,19 @@ class DeepSpeedStrategy:
     def reduce_step_totals(self, loss_sum: torch.Tensor, counts: Sequence[float]) -> list[float]:
         """Sum ``[loss_sum, *counts]`` over ranks in one all-reduce and return them as floats: the
         step's only host sync (what logging needs). float64 keeps token counts exact."""
-        import torch.distributed as dist
-
         totals = devices.place(torch.tensor([0.0, *counts], dtype=torch.float64), self.collective_device)
         totals[0] = loss_sum.detach()  # in place: a device-side copy, no sync
+        return self._all_reduce(totals)
+
+    def sum_over_ranks(self, counts: Sequence[float]) -> list[float]:
+        """``counts`` summed over ranks (one all-reduce on the group's device)."""
+        return self._all_reduce(devices.place(torch.tensor(list(counts), dtype=torch.float64),
+                                              self.collective_device))
+
+    @staticmethod
+    def _all_reduce(totals: torch.Tensor) -> list[float]:
+        import torch.distributed as dist
+
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(totals)
         return totals.tolist()
@@ -293,8 +302,13 @@ class DeepSpeedStrategy:
         """The consolidated model + processor as an HF folder, written by rank 0 (collective)."""
         state = self.consolidated_state_dict()
         if self.engine.global_rank == 0:
-            self.engine.module.save_pretrained(directory, state_dict=state, safe_serialization=True)
-            processor.save_pretrained(directory)
+            self.write_hf(directory, state, processor)
+
+    def write_hf(self, directory: str, state: dict[str, torch.Tensor], processor: Any) -> None:
+        """Rank 0 writes consolidated weights (``consolidated_state_dict``) as an HF folder; no
+        collective, so a background thread may do it while training goes on."""
+        self.engine.module.save_pretrained(directory, state_dict=state, safe_serialization=True)
+        processor.save_pretrained(directory)
 
     @staticmethod
     def files_of_rank(names: Sequence[str], rank: int) -> list[str]:

@@ -1,0 +1,211 @@
+"""Writing and reading a training job's checkpoints (the layout and the commit rule are in
+checkpoint.py).
+
+Saving: every rank writes its part of ``<storage>/<run>/step_<N>/``; rank 0 writes ``COMMITTED``
+last, once every rank's part is complete, then prunes. On local (or shared) storage the write is
+the save and the commit follows at once. On remote storage (``s3://``) each rank writes to a local
+staging folder (DeepSpeed's partitions; rank 0 also the consolidated HF export, the trainer state
+and the config) and a background thread uploads it while training goes on. Each step's one
+all-reduce carries every rank's "uploaded" and "failed" flags (``status``), so all ranks learn at
+the same step that the checkpoint is complete (then it is committed and reported) or that an
+upload failed (then every rank raises, naming the target: no rank waits in a collective the others
+left). At most one checkpoint is in flight: the next save, and the end of the job, first wait for
+it (``finish``). A crash before the commit leaves the previous checkpoint the newest committed one.
+
+Resuming: each rank downloads only the DeepSpeed files it loads (its own partitions) from remote
+storage, into a temporary folder removed after the load.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from omegaconf import OmegaConf
+
+from aov_dist import storage
+from aov_dist.train import checkpoint as ckpt
+
+log = logging.getLogger(__name__)
+OnCommit = Callable[[int, str, dict], None]  # (step, step folder, the saving step's metrics)
+
+
+@dataclass
+class _InFlight:
+    step: int
+    final: str
+    metrics: dict
+    staging: str
+    thread: threading.Thread
+    error: list = field(default_factory=list)  # the upload thread's exception, if any
+
+
+class CheckpointWriter:
+    """One rank's side of saving a job's checkpoints (see the module docstring)."""
+
+    def __init__(self, cfg, strategy, processor, rank: int, world: int, on_commit: OnCommit):
+        self.cfg, self.strategy, self.processor = cfg, strategy, processor
+        self.rank, self.world, self.on_commit = rank, world, on_commit
+        self.in_flight: Optional[_InFlight] = None
+
+    # ------------------------------------------------------------------------------ save
+    def save(self, step: int, losses: list[float], loader, skips, metrics: dict) -> None:
+        if self.in_flight is not None:
+            self.finish()  # one checkpoint in flight at most
+        final = ckpt.step_dir(self.cfg.train.storage_path, self.cfg.train.run_name, step)
+        remote = storage.is_remote(final)
+        local = tempfile.mkdtemp(prefix="aov-ckpt-") if remote else final
+        os.makedirs(local, exist_ok=True)
+        self.strategy.save(f"{local}/ds")
+        ckpt.write_json(f"{local}/loader/rank_{self.rank}.json", loader.state_dict())
+        ckpt.write_json(f"{local}/rng/rank_{self.rank}.json", ckpt.rng_state())
+        hf_state = self.strategy.consolidated_state_dict() if self.cfg.train.export_hf_in_checkpoints else None
+        trainer_state = {"step": step, "losses": list(losses), "epoch": loader.epoch, "world_size": self.world,
+                         "skip_window": skips.state_dict() if skips else {}}
+        if not remote:
+            self._write_rank0_files(local, hf_state, trainer_state)
+            self.strategy.barrier()  # every rank's part is on the storage: commit
+            self._commit(step, final, metrics)
+            return
+        flight = _InFlight(step, final, metrics, local, thread=None)  # type: ignore[arg-type]
+
+        def persist() -> None:
+            try:
+                self._write_rank0_files(local, hf_state, trainer_state)
+                upload_part(local, final, self.rank)
+            except BaseException as e:  # noqa: BLE001 - handed to the training thread (settle/finish)
+                flight.error.append(e)
+            finally:
+                shutil.rmtree(local, ignore_errors=True)
+
+        flight.thread = threading.Thread(target=persist, name=f"aov-checkpoint-{step}", daemon=True)
+        flight.thread.start()
+        self.in_flight = flight
+
+    def _write_rank0_files(self, local: str, hf_state, trainer_state: dict) -> None:
+        if self.rank != 0:
+            return
+        if hf_state is not None:
+            self.strategy.write_hf(f"{local}/{ckpt.HF_DIR}", hf_state, self.processor)
+        ckpt.write_json(f"{local}/trainer_state.json", trainer_state)
+        # the job's resolved config: aov-export rebuilds the model from it (no hf/ needed), resume
+        # checks against it (redacted: a secret-looking key must not land in storage)
+        storage.write_bytes(f"{local}/{ckpt.CONFIG_FILE}", safe_yaml(self.cfg).encode())
+
+    # ---------------------------------------------------------------------------- commit
+    def status(self) -> list[float]:
+        """[uploaded, failed] for this rank's checkpoint in flight (0, 0 when there is none), summed
+        over ranks by the step's all-reduce."""
+        f = self.in_flight
+        if f is None:
+            return [0.0, 0.0]
+        if f.error:
+            return [0.0, 1.0]
+        return [0.0 if f.thread.is_alive() else 1.0, 0.0]
+
+    def settle(self, uploaded: int, failed: int) -> None:
+        """After the step's all-reduce (the same sums on every rank): commit a checkpoint every rank
+        has uploaded, or stop every rank on a failed upload."""
+        if self.in_flight is None:
+            return
+        if failed:
+            self._raise_failure(failed)
+        if uploaded == self.world:
+            self._commit_in_flight()
+
+    def finish(self) -> None:
+        """Wait for this rank's upload, agree with the others (one collective), commit (collective)."""
+        if self.in_flight is None:
+            return
+        self.in_flight.thread.join()
+        uploaded, failed = (int(v) for v in self.strategy.sum_over_ranks(self.status()))
+        if failed:
+            self._raise_failure(failed)
+        self._commit_in_flight()
+
+    def _raise_failure(self, failed: int) -> None:
+        f, self.in_flight = self.in_flight, None
+        f.thread.join()
+        if f.error:
+            raise f.error[0]
+        raise RuntimeError(f"checkpoint {f.final}: the upload of {failed} other rank(s) failed; the step is not "
+                           f"committed, the previous checkpoint stays the newest")
+
+    def _commit_in_flight(self) -> None:
+        f, self.in_flight = self.in_flight, None
+        f.thread.join()
+        self._commit(f.step, f.final, f.metrics)
+
+    def _commit(self, step: int, final: str, metrics: dict) -> None:
+        if self.rank == 0:
+            ckpt.write_marker(final, step, self.world)
+            ckpt.prune(self.cfg.train.storage_path, self.cfg.train.run_name, self.cfg.train.keep_checkpoints)
+        self.on_commit(step, final, metrics)
+
+
+def upload_part(local: str, final: str, rank: int) -> None:
+    """Each rank's part of a remote checkpoint. botocore retries every request (storage.py); a
+    copy that still fails names the target: no marker is written, so the previous checkpoint stays
+    the newest committed one."""
+    try:
+        storage.copy_from_local(local, final)
+    except Exception as e:
+        raise RuntimeError(f"checkpoint {final}: rank {rank} could not upload its part ({type(e).__name__}: {e}; "
+                           f"each request was tried {storage.WRITE_ATTEMPTS} times); the step is not committed, "
+                           f"the previous checkpoint stays the newest") from e
+
+
+def safe_yaml(cfg) -> str:
+    from aov_dist.tracking.redact import redact
+
+    return OmegaConf.to_yaml(OmegaConf.create(redact(OmegaConf.to_container(OmegaConf.structured(cfg)))))
+
+
+# ------------------------------------------------------------------------------------ restore
+def restore(strategy, loader, skips, path: str, rank: int, result) -> None:
+    """Load every rank's state of the committed step folder ``path`` into the running job."""
+    local, fetched = _fetch_own_state(strategy, path, rank)
+    try:
+        strategy.load(f"{local}/ds")
+    finally:
+        if fetched is not None:
+            shutil.rmtree(local, ignore_errors=True)
+    loader.load_state_dict(ckpt.read_json(f"{path}/loader/rank_{rank}.json"))
+    ckpt.set_rng_state(ckpt.read_json(f"{path}/rng/rank_{rank}.json"))
+    state = ckpt.read_json(f"{path}/trainer_state.json")
+    skips.load_state_dict(state.get("skip_window", {}))
+    result.step, result.losses, result.resumed_from = state["step"], list(state["losses"]), path
+    result.restored_bytes = fetched or 0
+    log.info("rank %d resumed from %s at step %d", rank, path, result.step)
+
+
+def _fetch_own_state(strategy, path: str, rank: int) -> tuple[str, Optional[int]]:
+    """DeepSpeed reads local files. From remote storage each rank downloads only the files it
+    loads (its own ZeRO partitions: 1/world of the state), not the whole ds/ folder. Returns the
+    local step folder and the bytes downloaded (None: the checkpoint was local already)."""
+    if not storage.is_remote(path):
+        return path, None
+    tmp = tempfile.mkdtemp(prefix="aov-resume-")
+    state = f"{path}/ds/{strategy.TAG}"
+    fetched = 0
+    try:
+        for name in strategy.files_of_rank(storage.list_names(state), rank):
+            fetched += storage.download(f"{state}/{name}", f"{tmp}/ds/{strategy.TAG}/{name}")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp, fetched
+
+
+def run_hooks(*hooks: Optional[OnCommit]) -> OnCommit:
+    """One commit callback calling the given ones in order (None skipped)."""
+    def on_commit(step: int, path: str, metrics: dict) -> None:
+        for hook in hooks:
+            if hook is not None:
+                hook(step, path, metrics)
+    return on_commit
+
