@@ -137,6 +137,9 @@ def validate(cfg: DictConfig | TrainJobConfig | dict[str, Any], *, check_paths: 
         raise ConfigError("deepspeed.offload_params", "parameter offload needs ZeRO-3 (deepspeed.zero_stage=3)")
     if c.train.checkpoint_every_steps < 1:
         raise ConfigError("train.checkpoint_every_steps", f"must be >= 1, got {c.train.checkpoint_every_steps}")
+    if (c.train.keep_unevaluated or c.train.keep_best) and not c.tracking.enabled:
+        key = "train.keep_unevaluated" if c.train.keep_unevaluated else "train.keep_best"
+        raise ConfigError(key, "needs tracking (tracking.enabled=true): the evaluations are read from the MLflow run")
     if c.train.keep_checkpoints < 1:
         raise ConfigError("train.keep_checkpoints", f"must be >= 1, got {c.train.keep_checkpoints}")
     if not c.train.run_name or "/" in c.train.run_name:

@@ -56,7 +56,7 @@ def test_train_entrypoint_is_the_training_entry_point(nodes):
     (train,) = _render(nodes, overrides=["stage=stage2", "cluster.k8s.image=reg/aov:1"])["rayjob-train.yaml"]
     expected = ep.as_shell(ep.train_command("h100", nodes, [
         "train.run_name=aov-7b-s2", f"train.storage_path={STORAGE}",
-        "tracking.uri=http://aov-mlflow.aov.svc.cluster.local:5000", "stage=stage2"]))
+        "tracking.uri=http://aov-mlflow.aov.svc.cluster.local:5000", "train.keep_unevaluated=true", "stage=stage2"]))
     assert train["spec"]["entrypoint"] == expected
     assert train["spec"]["entrypoint"].startswith(f"python -m aov_dist.train cluster=h100 cluster.nodes={nodes} ")
     assert _worker_group(train)["template"]["spec"]["containers"][0]["image"] == "reg/aov:1"

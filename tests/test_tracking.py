@@ -238,3 +238,27 @@ def test_each_nodes_system_metrics_carry_the_node_and_a_cpu_node_logs_no_gpu_and
     assert one_node.node_id is None  # a one-node job keeps MLflow's plain names
     stop_node_monitor(one_node)
     assert start_node_monitor(TrackingConfig(system_metrics=False), run_id, 0, 1) is None
+
+
+def test_pruning_keeps_checkpoints_the_watcher_has_not_scored_and_the_best_one(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from aov_dist.tracking.mlflow_tracker import CHECKPOINT_TAG, EVAL_TAG, steps_to_keep
+
+    cfg = TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", artifact_location=str(tmp_path / "art"),
+                         experiment="keep", system_metrics=False)
+    run_id = create_run(cfg, "job", {}, "")
+    client = MlflowClient(cfg.uri)
+    for step in (2, 4, 6, 8):
+        client.set_tag(run_id, f"{CHECKPOINT_TAG}{step}", f"/runs/job/step_{step}")
+    client.set_tag(run_id, f"{EVAL_TAG}2", "done:abc")
+    client.set_tag(run_id, f"{EVAL_TAG}4", "done:def")
+    client.set_tag(run_id, f"{EVAL_TAG}6", "running:1:ghi")  # under way: not scored yet
+    for step, f1, loss in ((2, 0.5, 0.9), (4, 0.8, 0.4), (6, 0.7, 0.6)):
+        client.log_metric(run_id, "eval/detection/class_mean/f1", f1, step=step)
+        client.log_metric(run_id, "eval/loss", loss, step=step)
+    assert steps_to_keep(cfg, run_id, unevaluated=True, best=None) == {6, 8}
+    assert steps_to_keep(cfg, run_id, unevaluated=False, best="eval/detection/class_mean/f1") == {4}
+    assert steps_to_keep(cfg, run_id, unevaluated=False, best="eval/loss") == {4}  # lower is better
+    assert steps_to_keep(cfg, run_id, unevaluated=True, best="eval/detection/class_mean/f1") == {4, 6, 8}
+    assert steps_to_keep(cfg, None, unevaluated=True, best=None) == set()  # untracked job: nothing extra

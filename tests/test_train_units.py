@@ -96,6 +96,13 @@ def test_prune_keeps_newest_committed_and_newer_uncommitted(tmp_path):
     assert ckpt.prune(str(tmp_path), "run", keep=2) == []
 
 
+def test_prune_keeps_the_steps_it_is_told_to(tmp_path):
+    _make_steps(tmp_path, committed=[2, 4, 6, 8], uncommitted=[])
+    deleted = ckpt.prune(str(tmp_path), "run", keep=1, keep_steps={4})
+    assert sorted(deleted) == [f"{tmp_path}/run/step_2", f"{tmp_path}/run/step_6"]
+    assert [s for s, _, _ in ckpt.list_steps(str(tmp_path), "run")] == [4, 8]
+
+
 def test_prune_without_any_commit_deletes_nothing(tmp_path):
     _make_steps(tmp_path, committed=[], uncommitted=[1, 2])
     assert ckpt.prune(str(tmp_path), "run", keep=1) == []

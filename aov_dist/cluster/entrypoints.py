@@ -16,6 +16,7 @@ PROBE_MODULE = "aov_dist.cluster.probe"
 STORAGE_KEY = "train.storage_path"
 RUN_NAME_KEY = "train.run_name"
 TRACKING_URI_KEY = "tracking.uri"
+KEEP_UNEVALUATED_KEY = "train.keep_unevaluated"
 EVAL_CHECKPOINT_ROOT_KEY = "eval.checkpoint_root"
 EVAL_WORKERS_KEY = "eval.num_workers"
 

@@ -33,9 +33,10 @@ def app_overrides(overrides: Sequence[str]) -> list[str]:
 
 
 def pinned_train_overrides(cfg: ClusterConfig) -> list[str]:
-    # Fixed run name + storage: a recreated RayJob resumes from the same checkpoint folder.
+    # Fixed run name + storage: a recreated RayJob resumes from the same checkpoint folder. The
+    # evaluation watcher RayJob scores every checkpoint: pruning keeps the ones it has not yet.
     return [f"{ep.RUN_NAME_KEY}={cfg.k8s.run_name}", f"{ep.STORAGE_KEY}={cfg.k8s.storage_path}",
-            f"{ep.TRACKING_URI_KEY}={ko.tracking_uri(cfg)}"]
+            f"{ep.TRACKING_URI_KEY}={ko.tracking_uri(cfg)}", f"{ep.KEEP_UNEVALUATED_KEY}=true"]
 
 
 def train_entrypoint(preset: str, cfg: ClusterConfig, overrides: Sequence[str]) -> str:

@@ -223,6 +223,32 @@ class BackgroundTracker(Tracker):
         self.inner.close()
 
 
+def steps_to_keep(cfg: TrackingConfig, run_id: Optional[str], unevaluated: bool, best: Optional[str]) -> set[int]:
+    """Checkpoint steps pruning must keep, read from the training run: those whose
+    ``aov.checkpoint.<N>`` tag has no ``done`` evaluation tag yet (``unevaluated``), and the step
+    with the best value of the metric ``best`` (higher is better unless its name says loss). An
+    unreachable server keeps nothing extra (with a warning): pruning stays bounded."""
+    if not (cfg.enabled and run_id and (unevaluated or best)):
+        return set()
+    try:
+        client = _client(cfg.uri)
+        keep: set[int] = set()
+        if unevaluated:
+            tags = client.get_run(run_id).data.tags
+            steps = [int(k[len(CHECKPOINT_TAG):]) for k in tags if k.startswith(CHECKPOINT_TAG)
+                     and k[len(CHECKPOINT_TAG):].isdigit()]
+            keep |= {s for s in steps if not tags.get(f"{EVAL_TAG}{s}", "").startswith("done")}
+        if best:
+            history = client.get_metric_history(run_id, best)
+            if history:
+                pick = min if "loss" in best.lower() else max
+                keep.add(int(pick(history, key=lambda m: m.value).step))
+        return keep
+    except Exception as e:
+        log.warning("MLflow at %s unreachable (%s): pruning keeps no extra checkpoint this time", cfg.uri, e)
+        return set()
+
+
 def make_tracker(cfg: TrackingConfig, run_id: Optional[str], rank: int, background: bool = True) -> Tracker:
     if not cfg.enabled or run_id is None or rank != 0:
         return NullTracker()

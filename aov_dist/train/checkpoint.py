@@ -20,7 +20,7 @@ import os
 import random
 import re
 import time
-from typing import Any, Optional
+from typing import Any, Collection, Optional
 
 import numpy as np
 import torch
@@ -140,15 +140,17 @@ def write_marker(path: str, step: int, world_size: int) -> None:
     storage.write_bytes(f"{path}/{COMMIT_MARKER}", json.dumps(body).encode())
 
 
-def prune(storage_path: str, run_name: str, keep: int) -> list[str]:
-    """Delete all but the newest ``keep`` committed checkpoints, and uncommitted folders older than
+def prune(storage_path: str, run_name: str, keep: int, keep_steps: Collection[int] = ()) -> list[str]:
+    """Delete all but the newest ``keep`` committed checkpoints and the steps in ``keep_steps``
+    (not yet evaluated, the best one so far: tracking decides), and uncommitted folders older than
     the newest committed one (leftovers of interrupted saves). Called only after a commit."""
     steps = list_steps(storage_path, run_name)
     committed = [(s, p) for s, p, ok in steps if ok]
     if not committed:
         return []
     newest = committed[-1][0]
-    doomed = [p for _, p in committed[:-keep]] + [p for s, p, ok in steps if not ok and s < newest]
+    doomed = [p for s, p in committed[:-keep] if s not in keep_steps]
+    doomed += [p for s, p, ok in steps if not ok and s < newest]
     for path in doomed:
         storage.remove_tree(path)
     return doomed

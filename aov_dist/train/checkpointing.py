@@ -47,9 +47,11 @@ class _InFlight:
 class CheckpointWriter:
     """One rank's side of saving a job's checkpoints (see the module docstring)."""
 
-    def __init__(self, cfg, strategy, processor, rank: int, world: int, on_commit: OnCommit):
+    def __init__(self, cfg, strategy, processor, rank: int, world: int, on_commit: OnCommit,
+                 keep_steps: Callable[[], set[int]] = set):
         self.cfg, self.strategy, self.processor = cfg, strategy, processor
         self.rank, self.world, self.on_commit = rank, world, on_commit
+        self.keep_steps = keep_steps  # steps pruning must keep besides the newest (asked on rank 0)
         self.in_flight: Optional[_InFlight] = None
 
     # ------------------------------------------------------------------------------ save
@@ -143,7 +145,8 @@ class CheckpointWriter:
     def _commit(self, step: int, final: str, metrics: dict) -> None:
         if self.rank == 0:
             ckpt.write_marker(final, step, self.world)
-            ckpt.prune(self.cfg.train.storage_path, self.cfg.train.run_name, self.cfg.train.keep_checkpoints)
+            ckpt.prune(self.cfg.train.storage_path, self.cfg.train.run_name, self.cfg.train.keep_checkpoints,
+                       self.keep_steps())
         self.on_commit(step, final, metrics)
 
 

@@ -42,6 +42,11 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every_steps: int = 50
     keep_checkpoints: int = 2
+    # Pruning also keeps every checkpoint the evaluation watcher has not scored yet (its aov.eval.<N>
+    # tag is not done), and the best one by this evaluation metric (e.g.
+    # eval/detection/class_mean/f1; higher is better unless the name says loss). Both need tracking.
+    keep_unevaluated: bool = False
+    keep_best: Optional[str] = None
     resume: bool = True
     # Resume from this committed step folder instead of discovering the newest one.
     resume_from: Optional[str] = None

@@ -81,7 +81,7 @@ def run_training(cfg: TrainJobConfig, rank: int, world: int, run_id: Optional[st
     DeepSpeed engine: every step, save and load goes through the strategy.
     """
     from aov_dist.data.skip_policy import SkipPolicy
-    from aov_dist.tracking.mlflow_tracker import CHECKPOINT_TAG, make_tracker
+    from aov_dist.tracking.mlflow_tracker import CHECKPOINT_TAG, make_tracker, steps_to_keep
     from aov_dist.train.checkpointing import CheckpointWriter, restore, run_hooks
     from aov_dist.tracking.system_metrics import start_node_monitor, stop_node_monitor
 
@@ -112,7 +112,9 @@ def run_training(cfg: TrainJobConfig, rank: int, world: int, run_id: Optional[st
         if rank == 0:
             tracker.set_tag(f"{CHECKPOINT_TAG}{step}", path)
 
-    writer = CheckpointWriter(cfg, strategy, processor, rank, world, run_hooks(committed, on_checkpoint))
+    writer = CheckpointWriter(cfg, strategy, processor, rank, world, run_hooks(committed, on_checkpoint),
+                              keep_steps=lambda: steps_to_keep(cfg.tracking, run_id, cfg.train.keep_unevaluated,
+                                                               cfg.train.keep_best))
     # the first worker of each node samples the node's CPUs, memory and GPUs into the run
     monitor = (start_node_monitor(cfg.tracking, run_id, int(os.environ.get("NODE_RANK", 0)), cfg.cluster.nodes)
                if int(os.environ.get("LOCAL_RANK", rank)) == 0 else None)
