@@ -135,7 +135,7 @@ class _PlantedPayload:
 def test_deepspeed_checkpoint_engine_refuses_a_planted_pickle(tmp_path):
     import torch
 
-    from aov_dist.train.strategy import UnsafeCheckpointError, safe_checkpoint_engine_class
+    from aov_dist.train.ds_safety import UnsafeCheckpointError, safe_checkpoint_engine_class
 
     marker = tmp_path / "code_ran"
     bad = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
@@ -157,7 +157,7 @@ def test_export_from_shards_refuses_a_planted_pickle_before_zero_to_fp32(tmp_pat
     import torch
 
     from aov_dist.train.export import merge_shards
-    from aov_dist.train.strategy import UnsafeCheckpointError
+    from aov_dist.train.ds_safety import UnsafeCheckpointError
 
     marker = tmp_path / "code_ran"
     step = tmp_path / "run" / "step_2"
@@ -176,7 +176,7 @@ def test_safe_engine_loads_exactly_the_allowlisted_deepspeed_types(tmp_path):
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    from aov_dist.train.strategy import UnsafeCheckpointError, safe_load
+    from aov_dist.train.ds_safety import UnsafeCheckpointError, safe_load
 
     state = {"zero_stage": ZeroStageEnum.weights, "loss_scaler": LossScaler(1.0), "overflow": False,
              "param_slice_mappings": [{"w": fragment_address(numel=6, start=2)}], "fp32": [torch.arange(6.0)]}
@@ -195,7 +195,8 @@ def test_safe_engine_loads_exactly_the_allowlisted_deepspeed_types(tmp_path):
 def test_strategy_installs_the_safe_engine_and_load_requires_it():
     from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
-    from aov_dist.train.strategy import DeepSpeedStrategy, install_safe_checkpoint_engine, safe_checkpoint_engine_class
+    from aov_dist.train.ds_safety import install_safe_checkpoint_engine, safe_checkpoint_engine_class
+    from aov_dist.train.strategy import DeepSpeedStrategy
 
     class Engine:
         checkpoint_engine = None
@@ -226,7 +227,7 @@ def test_resume_from_a_real_checkpoint_with_a_planted_pickle_is_refused(tmp_path
     from torch.multiprocessing import ProcessRaisedException
 
     from aov_dist.train import checkpoint as ckpt
-    from aov_dist.train.strategy import verify_ds_checkpoint
+    from aov_dist.train.ds_safety import verify_ds_checkpoint
     from train_harness import run_ranks, tiny_overrides, typed_cfg
 
     def cfg(steps: int):

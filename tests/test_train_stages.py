@@ -4,6 +4,7 @@ stage-1 checkpoint as its init source."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -72,6 +73,7 @@ def test_stage1_expert_detects_then_stage2_loss_decreases(tmp_path, stage_data):
     stage1_ckpt = s1["checkpoints"][-1]
     auroc = _auroc(f"{stage1_ckpt}/hf", str(stage_data / "benchmark"))
     assert auroc > 0.62, auroc  # measured 0.705 (40 held-out images, 20 anomalous; chance 0.5)
+    _assert_partial_export_completes(stage1_ckpt, tmp_path / "stage1_full")
 
     s2 = _train(_common(manifest, tmp_path, 12) + [
         "stage=stage2", "train.run_name=s2", f"stage.init_from={stage1_ckpt}",
@@ -87,6 +89,31 @@ def test_stage1_expert_detects_then_stage2_loss_decreases(tmp_path, stage_data):
     assert all(torch.equal(a[k], b[k]) for k in a if k.startswith(("expert.", "model.vision_tower.")))
     llm = [k for k in a if k.startswith("model.language_model.")]
     assert llm and not all(torch.equal(a[k], b[k]) for k in llm)
+
+
+def _assert_partial_export_completes(step: str, out) -> None:
+    """Stage 1's hf/ holds only what it trained (expert and tiny tower, not the frozen LLM);
+    aov-export writes the complete model, equal tensor for tensor to the partial one loaded on its
+    base, and a fraction of its size."""
+    import torch
+
+    from aov_dist.model import ModelConfig, build_model
+    from aov_dist.model.partial import PARTIAL_FILE, WEIGHTS_FILE, is_partial
+    from aov_dist.train.export import export
+
+    hf = Path(step, "hf")
+    assert is_partial(hf)
+    trained = json.loads((hf / PARTIAL_FILE).read_text())["keys"]
+    assert trained and all(k.startswith(("expert.", "model.vision_tower.")) for k in trained)
+    with pytest.raises(ValueError, match="holds only the weights its stage trained"):
+        export(step)  # completing it in place would overwrite the partial folder
+    full = Path(export(step, str(out)))
+    assert not is_partial(full)
+    a = build_model(ModelConfig(pretrained_path=str(hf)))[0].state_dict()
+    b = build_model(ModelConfig(pretrained_path=str(full)))[0].state_dict()
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    size = lambda folder: sum(f.stat().st_size for f in folder.glob("*.safetensors"))  # noqa: E731
+    assert size(hf) == (hf / WEIGHTS_FILE).stat().st_size < 0.6 * size(full), (size(hf), size(full))
 
 
 def test_checkpoints_on_s3_commit_and_resume(tmp_path, synthetic_shards, s3_bucket):

@@ -199,10 +199,10 @@ class FakeStrategy:
         os.makedirs(directory, exist_ok=True)
         Path(directory, "state.bin").write_bytes(b"ds")
 
-    def consolidated_state_dict(self) -> dict:
+    def consolidated_state_dict(self, trainable_only: bool = False) -> dict:
         return {}
 
-    def write_hf(self, directory: str, state: dict, processor) -> None:
+    def write_hf(self, directory: str, state: dict, processor, base=None) -> None:
         self.module.save_pretrained(directory)
         processor.save_pretrained(directory)
 

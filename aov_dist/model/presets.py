@@ -19,6 +19,7 @@ from .attention import resolve_attn_implementation
 from .config import ModelConfig
 from .expert import load_expert_weights
 from .hf_config import AnomalyOVConfig
+from .partial import is_partial, read_partial
 from aov_dist.storage import localize
 from .processor import AnomalyOVProcessor, layout_from_hf_config
 from .tokenizer import build_tiny_tokenizer
@@ -119,6 +120,8 @@ def build_model(cfg: ModelConfig, gather: Optional[Callable[[torch.nn.Module], C
     (any preset); then the expert file, if given. Built inside zero.Init (ZeRO-3), its parameters
     are partitioned: ``gather(module)`` (the training strategy's ``gathered_for_update``) gives the
     expert's full parameters to load the file into."""
+    if cfg.pretrained_path and is_partial(localize(cfg.pretrained_path)):
+        return _build_on_base(cfg, gather)
     attn = resolve_attn_implementation(cfg.attn_implementation)
     dtype = resolve_dtype(cfg.dtype)
     anomaly: dict[str, Any] = dict(vision_dummy_for_text_only=cfg.vision_dummy_for_text_only)
@@ -154,13 +157,44 @@ def build_model(cfg: ModelConfig, gather: Optional[Callable[[torch.nn.Module], C
         if gather is None and any(hasattr(p, "ds_id") for p in model.expert.parameters()):
             raise ValueError("build_model: the model was built partitioned (ZeRO-3); pass the strategy's "
                              "gather to load model.expert_path into it")
-        with (gather or (lambda m: contextlib.nullcontext()))(model.expert):
+        with _gathering(gather, model.expert.parameters()):
             load_expert_weights(model.expert, cfg.expert_path)
     tok = processor.tokenizer
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, processor
+
+
+def _gathering(gather, params) -> ContextManager:
+    """``gather(params)`` when given (full ZeRO-3 parameters to write into), else nothing to do."""
+    return gather(list(params)) if gather is not None else contextlib.nullcontext()
+
+
+def _build_on_base(cfg: ModelConfig, gather) -> tuple[AnomalyOVForConditionalGeneration, AnomalyOVProcessor]:
+    """A partial export (model/partial.py): its base, built as it was for training, with the
+    trained tensors loaded on top; this job's runtime settings (dtype, attention, thresholds,
+    checkpointing) and its own expert file win."""
+    import dataclasses
+
+    local = localize(cfg.pretrained_path)
+    base_fields, state = read_partial(local)
+    base = dataclasses.replace(ModelConfig(**base_fields), dtype=cfg.dtype, attn_implementation=cfg.attn_implementation,
+                               activation_checkpointing=cfg.activation_checkpointing,
+                               vision_dummy_for_text_only=cfg.vision_dummy_for_text_only,
+                               adverb_thresholds=cfg.adverb_thresholds or base_fields.get("adverb_thresholds"))
+    model, processor = build_model(base, gather)
+    params = dict(model.named_parameters())
+    unknown = sorted(set(state) - set(params))
+    if unknown:
+        raise ValueError(f"{cfg.pretrained_path}: trained tensors {unknown[:5]} are not parameters of its base model")
+    with _gathering(gather, (params[k] for k in state)), torch.no_grad():
+        for key, value in state.items():
+            params[key].copy_(value.to(params[key].dtype))
+    if cfg.expert_path:
+        with _gathering(gather, model.expert.parameters()):
+            load_expert_weights(model.expert, cfg.expert_path)  # this job's expert file beats the trained one
     return model, processor
 
 

@@ -52,6 +52,9 @@ class CheckpointWriter:
         self.cfg, self.strategy, self.processor = cfg, strategy, processor
         self.rank, self.world, self.on_commit = rank, world, on_commit
         self.keep_steps = keep_steps  # steps pruning must keep besides the newest (asked on rank 0)
+        # stage 1 trains the expert inside a model that stays as loaded: its hf/ holds only the
+        # trained weights and names the base (model/partial.py)
+        self.base = _base_of(cfg) if cfg.stage.name == "stage1" else None
         self.in_flight: Optional[_InFlight] = None
 
     # ------------------------------------------------------------------------------ save
@@ -65,7 +68,8 @@ class CheckpointWriter:
         self.strategy.save(f"{local}/ds")
         ckpt.write_json(f"{local}/loader/rank_{self.rank}.json", loader.state_dict())
         ckpt.write_json(f"{local}/rng/rank_{self.rank}.json", ckpt.rng_state())
-        hf_state = self.strategy.consolidated_state_dict() if self.cfg.train.export_hf_in_checkpoints else None
+        hf_state = (self.strategy.consolidated_state_dict(trainable_only=self.base is not None)
+                    if self.cfg.train.export_hf_in_checkpoints else None)
         trainer_state = {"step": step, "losses": list(losses), "epoch": loader.epoch, "world_size": self.world,
                          "skip_window": skips.state_dict() if skips else {}}
         if not remote:
@@ -92,7 +96,7 @@ class CheckpointWriter:
         if self.rank != 0:
             return
         if hf_state is not None:
-            self.strategy.write_hf(f"{local}/{ckpt.HF_DIR}", hf_state, self.processor)
+            self.strategy.write_hf(f"{local}/{ckpt.HF_DIR}", hf_state, self.processor, self.base)
         ckpt.write_json(f"{local}/trainer_state.json", trainer_state)
         # the job's resolved config: aov-export rebuilds the model from it (no hf/ needed), resume
         # checks against it (redacted: a secret-looking key must not land in storage)
@@ -148,6 +152,18 @@ class CheckpointWriter:
             ckpt.prune(self.cfg.train.storage_path, self.cfg.train.run_name, self.cfg.train.keep_checkpoints,
                        self.keep_steps())
         self.on_commit(step, final, metrics)
+
+
+def _base_of(cfg) -> dict:
+    """The ModelConfig fields the job's model was built from (tasks.model_config_for), with the
+    runtime choices left to whoever loads it (dtype, attention, checkpointing)."""
+    import dataclasses
+
+    from aov_dist.train.tasks import model_config_for
+
+    model = dataclasses.replace(model_config_for(cfg), dtype="auto", attn_implementation="auto",
+                                activation_checkpointing=False)
+    return dataclasses.asdict(model)
 
 
 def upload_part(local: str, final: str, rank: int) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -194,7 +195,8 @@ def _log_final_model(c: TrainJobConfig, run_id: Optional[str], latest: Optional[
 
     try:
         name = registered_model_name(c.tracking, c.model.preset, c.stage.name)
-        return log_and_register(c.tracking, run_id, export(latest), name)
+        with tempfile.TemporaryDirectory(prefix="aov-final-") as tmp:  # complete, even from a partial hf/
+            return log_and_register(c.tracking, run_id, export(latest, f"{tmp}/hf"), name)
     except Exception as e:
         log.warning("final model of %s not logged/registered in MLflow (%s); the checkpoint holds it", latest, e)
         return None

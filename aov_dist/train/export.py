@@ -19,6 +19,7 @@ import tempfile
 from typing import Optional
 
 from aov_dist import storage
+from aov_dist.model.partial import PARTIAL_FILE
 from aov_dist.train import checkpoint as ckpt
 
 
@@ -96,11 +97,30 @@ def export(step: str, out: Optional[str] = None, config_dir: Optional[str] = Non
     """Write model + processor of committed ``step`` to ``out`` (default ``<step>/hf``); returns it."""
     hf = f"{step}/{ckpt.HF_DIR}"
     out = out or hf
+    if not from_shards and storage.exists(f"{hf}/{PARTIAL_FILE}"):
+        if out.rstrip("/") == hf:
+            raise ValueError(f"{hf} holds only the weights its stage trained: give another output folder for the "
+                             "complete model")
+        return _complete(hf, out)
     if not from_shards and storage.exists(f"{hf}/config.json"):
         if out.rstrip("/") != hf:
             _copy_tree(hf, out)
         return out
     return merge_shards(step, out, config_dir)
+
+
+def _complete(hf: str, out: str) -> str:
+    """A complete HF folder from a partial one: its base with the trained weights, saved whole."""
+    from aov_dist.model import ModelConfig, build_model
+
+    with tempfile.TemporaryDirectory(prefix="aov-export-") as tmp:
+        model, processor = build_model(ModelConfig(pretrained_path=_local_copy(hf, "hf", tmp)))
+        local_out = os.path.join(tmp, "out") if storage.is_remote(out) else out
+        model.save_pretrained(local_out, safe_serialization=True)
+        processor.save_pretrained(local_out)
+        if storage.is_remote(out):
+            storage.copy_from_local(local_out, out)
+    return out
 
 
 def _is_tied(model, key: str) -> bool:

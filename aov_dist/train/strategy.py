@@ -7,15 +7,15 @@ import contextlib
 import functools
 import logging
 import math
-import pickle
 import re
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from aov_dist.config import TrainJobConfig, micro_steps_per_step, training_precision
 from aov_dist import devices
+from aov_dist.train.ds_safety import install_safe_checkpoint_engine, safe_checkpoint_engine_class, verify_ds_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -265,14 +265,16 @@ class DeepSpeedStrategy:
     # -------------------------------------------------------------------- save and load
     def save(self, directory: str) -> None:
         """Every rank writes its own partitions (collective)."""
-        self.engine.save_checkpoint(directory, tag=self.TAG, save_latest=False)
+        # frozen parameters are rebuilt from the model's source on resume: not written again
+        self.engine.save_checkpoint(directory, tag=self.TAG, save_latest=False, exclude_frozen_parameters=True)
 
     def load(self, directory: str) -> None:
         """Restore every rank's state; DeepSpeed's files go through the safe checkpoint engine."""
         if not isinstance(self.engine.checkpoint_engine, safe_checkpoint_engine_class()):
             raise RuntimeError("refusing to load a DeepSpeed checkpoint without the safe checkpoint engine "
                                "(build the engine with DeepSpeedStrategy.initialize)")
-        path, _ = self.engine.load_checkpoint(directory, tag=self.TAG, load_module_strict=True,
+        # not strict: the frozen parameters are not in the files (save), the model was built with them
+        path, _ = self.engine.load_checkpoint(directory, tag=self.TAG, load_module_strict=False,
                                               load_optimizer_states=True, load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint state under {directory!r}")
@@ -290,12 +292,15 @@ class DeepSpeedStrategy:
             group["lr"] = base * fn(sched.last_epoch)
         sched._last_lr = [group["lr"] for group in self.engine.optimizer.param_groups]
 
-    def consolidated_state_dict(self) -> Optional[dict[str, torch.Tensor]]:
-        """Full weights on rank 0, in host memory (collective under ZeRO-3; None on other ranks)."""
+    def consolidated_state_dict(self, trainable_only: bool = False) -> Optional[dict[str, torch.Tensor]]:
+        """Full weights (or only the trained ones) on rank 0, in host memory (collective under
+        ZeRO-3; None on other ranks)."""
         if self.zero3:
-            return self.engine._zero3_consolidated_16bit_state_dict()
+            return self.engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=trainable_only)
         if self.engine.global_rank == 0:
-            return {k: v.detach().to("cpu", copy=True) for k, v in self.engine.module.state_dict().items()}
+            keep = {n for n, p in self.engine.module.named_parameters() if p.requires_grad or not trainable_only}
+            return {k: v.detach().to("cpu", copy=True) for k, v in self.engine.module.state_dict().items()
+                    if k in keep or not trainable_only}
         return None
 
     def save_hf(self, directory: str, processor: Any) -> None:
@@ -304,9 +309,16 @@ class DeepSpeedStrategy:
         if self.engine.global_rank == 0:
             self.write_hf(directory, state, processor)
 
-    def write_hf(self, directory: str, state: dict[str, torch.Tensor], processor: Any) -> None:
-        """Rank 0 writes consolidated weights (``consolidated_state_dict``) as an HF folder; no
-        collective, so a background thread may do it while training goes on."""
+    def write_hf(self, directory: str, state: dict[str, torch.Tensor], processor: Any,
+                 base: Optional[dict] = None) -> None:
+        """Rank 0 writes consolidated weights (``consolidated_state_dict``) as an HF folder, or with
+        ``base`` (the ModelConfig fields of the model's source) a partial one holding only them
+        (model/partial.py); no collective, so a background thread may do it while training goes on."""
+        if base is not None:
+            from aov_dist.model.partial import save_partial
+
+            save_partial(directory, state, processor, self.engine.module.config, base)
+            return
         self.engine.module.save_pretrained(directory, state_dict=state, safe_serialization=True)
         processor.save_pretrained(directory)
 
@@ -335,10 +347,11 @@ class DeepSpeedStrategy:
 
     # ------------------------------------------------------------------ full parameters
     @contextlib.contextmanager
-    def gathered(self, module: nn.Module, modify: bool = False):
-        """Full parameters of ``module`` on every rank while inside: read-only, or (``modify``) to
-        write them (rank 0's values are then partitioned again). A no-op without ZeRO-3."""
-        params = list(module.parameters())
+    def gathered(self, target: Union[nn.Module, Iterable[nn.Parameter]], modify: bool = False):
+        """Full parameters of ``target`` (a module or parameters) on every rank while inside:
+        read-only, or (``modify``) to write them (rank 0's values are then partitioned again). A
+        no-op without ZeRO-3."""
+        params = list(target.parameters()) if isinstance(target, nn.Module) else list(target)
         if not any(hasattr(p, "ds_id") for p in params):
             yield
             return
@@ -347,80 +360,10 @@ class DeepSpeedStrategy:
         with deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None):
             yield
 
-    def gathered_for_update(self, module: nn.Module):
-        """``gathered(module, modify=True)``: what build_model loads weights into under zero.Init."""
-        return self.gathered(module, modify=True)
+    def gathered_for_update(self, params: Iterable[nn.Parameter]):
+        """``gathered(params, modify=True)``: what build_model loads weights into under zero.Init."""
+        return self.gathered(params, modify=True)
 
 
 # ---- safe loading of DeepSpeed's own checkpoint files (ds/) ----
 #
-# DeepSpeed's TorchCheckpointEngine.load unpickles with torch.load(weights_only=False): a ds/ file
-# planted in checkpoint storage would run code in the next resume. Our engine loads with
-# weights_only=True and allows, besides tensors and containers, only the few DeepSpeed types its
-# ZeRO-2/3 states hold (found by saving real checkpoints of both stages). fp32 and bf16 keep a static
-# LossScaler; fp16's DynamicLossScaler is left out because our config refuses fp16.
-
-
-class UnsafeCheckpointError(RuntimeError):
-    """A checkpoint file holds a pickled object outside the allowlist: refused, nothing was run."""
-
-
-def ds_checkpoint_globals() -> list[type]:
-    """The non-tensor types DeepSpeed pickles into our ZeRO-2 / ZeRO-3 checkpoints."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler  # optimizer state: 'loss_scaler'
-    from deepspeed.runtime.zero.config import ZeroStageEnum  # optimizer state: 'zero_stage'
-    from deepspeed.utils.tensor_fragment import fragment_address  # ZeRO-2: param slice table
-
-    return [LossScaler, ZeroStageEnum, fragment_address]
-
-
-def safe_load(path: str, map_location: Any = None) -> Any:
-    """torch.load of a DeepSpeed checkpoint file with weights_only=True and our allowlist."""
-    try:
-        with torch.serialization.safe_globals(ds_checkpoint_globals()):
-            return torch.load(path, weights_only=True, map_location=map_location)
-    except pickle.UnpicklingError as e:
-        reason = str(e).split("Unsupported global: ")[-1].split(" was not an allowed global")[0]
-        raise UnsafeCheckpointError(
-            f"DeepSpeed checkpoint file {path}: refused to load, it pickles something other than tensors "
-            f"and DeepSpeed's known state types ({reason.strip()[:200]}). Only load checkpoints written "
-            f"by our jobs; see docs/reliability.md") from e
-
-
-@functools.cache
-def safe_checkpoint_engine_class() -> type:
-    """DeepSpeed's torch checkpoint engine with a safe load (built lazily: importing DeepSpeed is slow)."""
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-
-    class SafeTorchCheckpointEngine(TorchCheckpointEngine):
-        def load(self, path: str, map_location=None):
-            return safe_load(path, map_location=map_location)
-
-    return SafeTorchCheckpointEngine
-
-
-def install_safe_checkpoint_engine(engine) -> None:
-    """Swap the engine's TorchCheckpointEngine for the safe subclass (same state, safe load).
-    Any other engine kind (fast / decoupled writers, datastates) is refused: they were not checked."""
-    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-
-    current = engine.checkpoint_engine
-    if isinstance(current, safe_checkpoint_engine_class()):
-        return
-    if type(current) is not TorchCheckpointEngine:
-        raise RuntimeError(f"DeepSpeed checkpoint engine {type(current).__name__}: only the torch engine is "
-                           f"supported (its loads are made safe here); remove checkpoint writer settings")
-    current.__class__ = safe_checkpoint_engine_class()  # keeps its config
-
-
-def verify_ds_checkpoint(directory: str) -> list[str]:
-    """Safe-load every file of a ds/ folder (raises UnsafeCheckpointError naming the first bad one).
-    For readers outside the engine, e.g. DeepSpeed's zero_to_fp32 (it unpickles with
-    weights_only=False): call this first on the same local folder. Returns the files checked."""
-    import glob
-    import os
-
-    files = sorted(glob.glob(os.path.join(directory, "**", "*.pt"), recursive=True))
-    for f in files:
-        safe_load(f, map_location="cpu")
-    return files
