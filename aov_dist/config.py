@@ -7,7 +7,7 @@ of ``TrainJobConfig``; Hydra rejects unknown keys and wrong types against these 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -62,9 +62,11 @@ def to_typed(cfg: DictConfig | TrainJobConfig | dict[str, Any]) -> TrainJobConfi
         raise ConfigError(str(key), str(e).splitlines()[0]) from e
 
 
-def micro_steps_per_step(cfg: TrainJobConfig) -> int:
-    """Gradient-accumulation steps: global batch = workers x micro batch x accumulation."""
-    return cfg.stage.global_batch_size // (cfg.cluster.num_workers * cfg.data.micro_batch_size)
+def micro_steps_per_step(cfg: TrainJobConfig, world: Optional[int] = None) -> int:
+    """Gradient-accumulation steps: global batch = workers x micro batch x accumulation, on ``world``
+    workers (default: the cluster's; fewer while an elastic job runs short of workers)."""
+    world = cfg.cluster.num_workers if world is None else world
+    return cfg.stage.global_batch_size // (world * cfg.data.micro_batch_size)
 
 
 _DTYPE_NAMES = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16"}
@@ -97,6 +99,15 @@ def validate(cfg: DictConfig | TrainJobConfig | dict[str, Any], *, check_paths: 
             f"{c.stage.global_batch_size} is not divisible by workers x micro batch = "
             f"{workers} x {c.data.micro_batch_size} = {per_step} (cluster.nodes x cluster.workers_per_node "
             f"x data.micro_batch_size)")
+    uneven = [w for w in c.cluster.worker_counts if c.stage.global_batch_size % (w * c.data.micro_batch_size)]
+    if uneven:
+        raise ConfigError("cluster.min_workers", f"an elastic job may run on {uneven[0]} workers, and "
+                          f"stage.global_batch_size={c.stage.global_batch_size} is not divisible by {uneven[0]} x "
+                          f"data.micro_batch_size: raise cluster.min_workers or pick a global batch every "
+                          f"count in {list(c.cluster.worker_counts)} divides")
+    if len(c.cluster.worker_counts) > 1 and c.deepspeed.zero_stage != 3:
+        raise ConfigError("cluster.min_workers", "an elastic job reshards its checkpoints for another "
+                          "number of workers, which needs deepspeed.zero_stage=3")
     if not c.stage.lr:
         raise ConfigError("stage.lr", "give a learning rate per trainable group, e.g. {expert: 1e-4}")
     expected = {"stage1": {"expert"}, "stage2": {"projector", "llm"}}[c.stage.name]

@@ -17,8 +17,9 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
+import shutil
 from pathlib import Path
-from typing import IO, Any, Optional
+from typing import IO, Any, Callable, Optional
 
 import fsspec
 from fsspec import AbstractFileSystem
@@ -190,28 +191,43 @@ def localize(url: str | os.PathLike, cache_dir: Optional[str | os.PathLike] = No
 
 def localize_once(url: str | os.PathLike, cache_dir: Optional[str | os.PathLike] = None) -> tuple[Path, bool]:
     """``localize``, and whether this call did the copy (False: local, or another process's copy)."""
-    from filelock import FileLock
-
     text = os.fspath(url)
     if not is_remote(text):
         local = Path(local_path(text))
         if not local.is_dir():
             raise FileNotFoundError(f"model directory not found: {local}")
         return local, False
-    root = Path(cache_dir or os.environ.get("AOV_CACHE", Path.home() / ".cache" / "aov_dist" / "models"))
-    target = root / hashlib.sha256(text.rstrip("/").encode()).hexdigest()[:16]
+
+    def download(target: Path) -> None:
+        fs, remote = get_fs(text)
+        if not fs.isdir(remote):
+            raise FileNotFoundError(f"model directory not found: {text}")
+        copy_to_local(text, str(target))
+
+    root = cache_dir or os.environ.get("AOV_CACHE", Path.home() / ".cache" / "aov_dist" / "models")
+    return build_once(text.rstrip("/"), download, root)
+
+
+def build_once(key: str, build: Callable[[Path], None], root: str | os.PathLike) -> tuple[Path, bool]:
+    """The folder ``root/<hash of key>``, filled by ``build`` once per machine: the first process
+    to get there builds it under a file lock, the others wait for it and reuse it; a marker written
+    last tells a complete folder from an interrupted one (which is built again). Returns the
+    folder and whether this call built it."""
+    from filelock import FileLock
+
+    root = Path(root)
+    target = root / hashlib.sha256(key.encode()).hexdigest()[:16]
     if (target / _MODEL_CACHE_DONE).exists():
         return target, False
     root.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock"):
-        if (target / _MODEL_CACHE_DONE).exists():  # another worker of this machine copied it meanwhile
+        if (target / _MODEL_CACHE_DONE).exists():  # another worker of this machine built it meanwhile
             return target, False
-        fs, remote = get_fs(text)
-        if not fs.isdir(remote):
-            raise FileNotFoundError(f"model directory not found: {text}")
-        target.mkdir(parents=True, exist_ok=True)
-        copy_to_local(text, str(target))
-        (target / _MODEL_CACHE_DONE).write_text(text)
+        if target.exists():  # an interrupted build
+            shutil.rmtree(target)
+        target.mkdir(parents=True)
+        build(target)
+        (target / _MODEL_CACHE_DONE).write_text(key)
     return target, True
 
 

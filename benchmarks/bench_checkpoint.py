@@ -76,6 +76,7 @@ def _rank_main(rank: int, port: int, a: dict, storages: dict[str, str], out: str
 
     from aov_dist.config import validate
     from aov_dist.data.skip_policy import SkipPolicy
+    from aov_dist.train import checkpoint as ckpt
     from aov_dist.train import loop
     from aov_dist.train.checkpointing import CheckpointWriter, restore
     from aov_dist.train.strategy import DeepSpeedStrategy
@@ -87,7 +88,7 @@ def _rank_main(rank: int, port: int, a: dict, storages: dict[str, str], out: str
     report: dict[str, Any] = {}
     for kind, storage in storages.items():
         cfg = validate(compose(job_overrides(a["stage"], a["manifest"], storage)))
-        loop.seed_everything(0)
+        ckpt.seed_everything(0)
         task = make_task(cfg.stage.name)
         strategy = DeepSpeedStrategy(cfg)
         strategy.init_distributed()

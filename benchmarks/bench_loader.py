@@ -2,8 +2,8 @@
 
 Both read the same synthetic data with the same preprocessing in the same run:
 
-* ``stream``: ``aov_dist.data.stream.build_loader`` over the shards (sequential tar reads,
-  shuffle buffer, decode, skip accounting, resumable state);
+* ``stream``: ``aov_dist.data.stream.build_loader`` over the shards (shard-local tar reads
+  in blocks, decode, skip accounting, resumable state);
 * ``map``: what the official LLaVA training code does: ``json.load`` the whole record list, then
   per ``__getitem__`` open the loose image file(s) with PIL, ``convert("RGB")``, and preprocess;
   a shuffled torch ``DataLoader`` batches it.
@@ -188,7 +188,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     transform = make_transform(args.preprocess)
     cfg = DataConfig(datasets=[DatasetSpec("synthetic", manifest)], micro_batch_size=args.batch_size,
-                     num_workers=args.workers, shuffle_buffer=64, seed=0)
+                     num_workers=args.workers, block_size=64, seed=0)
     map_ds = LlavaStyleDataset(train_json, image_root, transform)
 
     def stream_iter():

@@ -7,7 +7,8 @@ synthetic generator, no model processor), plant defects in them, and build / dra
 * ``add_member`` / ``corrupt_member_header`` / ``png``: raw tar and image bytes for tests that
   assemble or damage shards themselves.
 * ``build_loader``: the streaming loader without the model's processor (no too-long exceptions);
-  ``cfg_for``, ``ids_of``, ``run_epoch``, ``collect``: its config, transform and drains.
+  ``cfg_for``, ``ids_of``: its config and transform; ``run_epoch``, ``rank_batches``: drains of
+  one rank's loader; ``layout_steps``: the optimizer steps of a whole layout (all its ranks).
 """
 from __future__ import annotations
 
@@ -121,13 +122,42 @@ def run_epoch(loader) -> list[list[str]]:
     return [list(b) for b in loader]
 
 
-def collect(loader, epochs: int, stop_after: Optional[tuple[int, int]] = None):
-    """Batches of ``epochs`` epochs; stop after batch stop_after=(epoch, k) and return the state."""
-    out = []
+def rank_batches(loader, epochs: int, limit: Optional[int] = None) -> list[list]:
+    """A rank's micro-batches (as lists) until epoch ``epochs`` starts, or its first ``limit``."""
+    out: list[list] = []
     while loader.epoch < epochs:
-        e = loader.epoch
-        for k, b in enumerate(loader):
+        for b in loader:
             out.append(list(b))
-            if stop_after == (e, k):
-                return out, json.loads(json.dumps(loader.state_dict()))
-    return out, None
+            if limit is not None and len(out) == limit:
+                return out
+    return out
+
+
+def layout_steps(cfg: DataConfig, world: int, global_batch_size: int, epochs: int = 1,
+                 states: Optional[list[dict]] = None, counts_before: Optional[tuple[dict, dict]] = None,
+                 **kw) -> tuple[list[list[list]], list]:
+    """Every optimizer step of a layout of ``world`` ranks (each built with ``states[rank]`` when
+    given; rank 0 then given ``counts_before`` as its (skipped, filtered) base, as a resume on
+    another world size does) until epoch ``epochs`` starts: per step, the micro-batches of all
+    ranks in rank order (place order within the global batch). Returns (steps, the ranks' loaders)."""
+    kw.setdefault("transform", ids_of)
+    loaders = [build_loader(cfg, r, world, global_batch_size=global_batch_size,
+                            state=None if states is None else states[r], **kw) for r in range(world)]
+    if counts_before is not None:
+        loaders[0].set_counts_before(*counts_before)
+    per_rank = [rank_batches(loader, epochs) for loader in loaders]
+    accum = loaders[0].accum
+    assert len({len(b) for b in per_rank}) == 1, "ranks handed out different numbers of micro-batches"
+    steps = [[mb for r in range(world) for mb in per_rank[r][s * accum:(s + 1) * accum]]
+             for s in range(len(per_rank[0]) // accum)]
+    return steps, loaders
+
+
+def states_after(cfg: DataConfig, world: int, global_batch_size: int, steps: int) -> list[dict]:
+    """The state of every rank of a layout after its first ``steps`` optimizer steps (JSON round trip)."""
+    states = []
+    for r in range(world):
+        loader = build_loader(cfg, r, world, transform=ids_of, global_batch_size=global_batch_size)
+        rank_batches(loader, 10 ** 6, limit=steps * loader.accum)
+        states.append(json.loads(json.dumps(loader.state_dict())))
+    return states

@@ -25,7 +25,6 @@ def _changed(cfg, **sections):
     ("deepspeed", {"zero_stage": 2}, "deepspeed.zero_stage"),
     ("stage", {"global_batch_size": 256}, "stage.global_batch_size"),
     ("data", {"micro_batch_size": 4}, "data.micro_batch_size"),
-    ("cluster", {"workers_per_node": 4}, "cluster.nodes"),
 ])
 def test_resuming_with_what_the_checkpoint_cannot_continue_names_the_key(tmp_path, section, values, key):
     cfg = job_cfg(str(tmp_path))
@@ -36,6 +35,20 @@ def test_resuming_with_what_the_checkpoint_cannot_continue_names_the_key(tmp_pat
         ckpt.check_resume(_changed(cfg, **{section: values}), step)
     assert err.value.key == key and str(err.value).startswith(f"{key}: ")
     assert "step_2" in str(err.value)
+
+
+def test_another_number_of_workers_resumes_a_zero3_checkpoint_and_is_named_for_zero2(tmp_path):
+    for zero in (3, 2):
+        cfg = job_cfg(str(tmp_path / f"z{zero}"))
+        cfg.cluster.workers_per_node, cfg.deepspeed.zero_stage = 1, zero
+        step = save_checkpoint(cfg, 2)
+        more = _changed(cfg, cluster={"workers_per_node": 4})
+        if zero == 3:
+            ckpt.check_resume(more, step)  # resharded on load
+            continue
+        with pytest.raises(ConfigError, match=r"^cluster.nodes: .*step_2 was written by 1 workers and this job "
+                                              r"has 4 .*resume on 1 workers"):
+            ckpt.check_resume(more, step)
 
 
 def test_the_driver_names_a_resume_mismatch_before_starting_anything(tmp_path, synthetic_shards):
@@ -70,6 +83,15 @@ def test_each_rank_downloads_only_its_own_share_when_resuming_from_s3(synthetic_
     assert [r["resumed_from"] for r in ranks] == [f"{s3_bucket}/runs/share/step_2"] * 2
     assert [r["restored_bytes"] for r in ranks] == per_rank  # its own partitions, nothing else
     assert all(0 < b < sum(sizes.values()) for b in per_rank)
+    # on one worker the same checkpoint resumes resharded (the whole ds/ folder downloaded once,
+    # converted on this machine) and step 3 trains as on the two workers that wrote it
+    one = typed_cfg(tiny_overrides(synthetic_shards.manifest_path, f"{s3_bucket}/runs", steps=3,
+                                   **{**common, "world": 1, "run_name": "share-on-one"},
+                                   extra=["train.export_hf_in_checkpoints=false",
+                                          f"train.resume_from='{s3_bucket}/runs/share/step_2'"]))
+    [alone] = run_ranks(one, tmp_path / "c", deadline_s=600)
+    assert alone["resumed_from"] == f"{s3_bucket}/runs/share/step_2"
+    assert alone["losses"] == pytest.approx(ranks[0]["losses"], rel=1e-5)
 
 
 def _slow_then_killed_upload(cfg, rank: int, world: int, kill_step: int) -> dict:

@@ -14,6 +14,8 @@ import pytest
 
 from aov_dist import storage
 from aov_dist.data import reader as reader_mod
+from aov_dist.data.plan import MAIN, REFILL, DatasetLanePlan
+from aov_dist.data.shard_inspect import iter_shard
 from aov_dist.train import checkpoint as ckpt
 from aov_dist.train import checkpointing
 from shard_helpers import build_loader, cfg_for
@@ -102,8 +104,13 @@ def _ids(loader) -> list[str]:
 
 
 def _loader(manifest: str, transform=lambda s: s["id"]):
-    return build_loader(cfg_for(manifest, micro_batch_size=1, num_workers=0, shuffle_buffer=1), 0, 1,
-                        transform=transform)
+    # blocks of 64: each shard of the synthetic data (about 8 samples) is one block, read when its
+    # first sample is due: the reads stay lazy shard by shard (the outage test needs a read after
+    # its third sample) and each shard is opened once (the retry test counts the opens)
+    loader = build_loader(cfg_for(manifest, micro_batch_size=1, num_workers=0, block_size=64), 0, 1,
+                          transform=transform)
+    assert all(n <= 64 for n in (s.samples for s in loader.settings.indexes[0].shards))
+    return loader
 
 
 # ---- reads: fast tests with a storage that fails, then the real outage ----
@@ -175,11 +182,36 @@ def test_missing_shard_is_still_counted_as_corrupt_not_retried(tmp_path, synthet
     copy = tmp_path / "shards"
     shutil.copytree(synthetic_shards.dir, copy)
     first = synthetic_shards.manifest["shards"][0]
+    lost = {s.meta["id"] for s in iter_shard(str(copy / first["url"]))}
     (copy / first["url"]).unlink()
     monkeypatch.setattr(reader_mod, "READ_BACKOFF_S", 60.0)  # a retry would make this test hang
     loader = _loader(str(copy / "manifest.json"))
-    _ids(loader)
-    assert loader.skipped == {"corrupt_tar": first["samples"]}
+    got = _ids(loader)
+    # every place of the epoch holds a good sample; each read of a lost sample counts once: all of
+    # them in the epoch's own order, and those a replacement meets again
+    assert len(got) == loader.batches_per_epoch and not lost & set(got)
+    reads = _reads_of_shard(loader, 0)
+    assert loader.skipped == {"corrupt_tar": reads} and reads >= first["samples"] == len(lost)
+
+
+def _reads_of_shard(loader, shard: int) -> int:
+    """Reads of a shard's samples in epoch 0 of a one-lane loader with micro-batches of 1 when that
+    shard's samples are all bad and the others good, by the reader's rule (reader.py): a
+    micro-batch reads its span of the main order, then, with no good sample there, the refill
+    order from twice its span's start until a good one."""
+    s, plan = loader.settings, loader.settings.plan
+    assert (plan.lanes, plan.micro_batch_size, len(s.indexes)) == (1, 1, 1)
+    main, refill = (DatasetLanePlan(s.blocks[0], s.indexes[0].total, s.seed, kind, 0, 0, 0, 1)
+                    for kind in (MAIN, REFILL))
+    reads = 0
+    for g in range(plan.global_batches):
+        lo, hi = plan.span(g)
+        bad = sum(main.place(q).shard == shard for q in range(lo, hi))
+        reads += bad
+        q = 2 * lo
+        while bad == hi - lo and refill.place(q).shard == shard:
+            reads, q = reads + 1, q + 1
+    return reads
 
 
 class _Watched:

@@ -1,12 +1,14 @@
 """Too-long and text-only samples in a real 2-rank stage-2 ZeRO-3 run (gloo, no Ray; the spawned
 ranks of train_harness.run_ranks).
 
-The shards are laid out so that the loader's plan (equal contiguous ranges per rank) gives one rank
-only image samples (two of them with 8 views: their image tokens alone exceed data.max_length) and
-the other rank only text-only samples. So in every step one rank's micro-batch has no image at all
-while the other's has: under ZeRO-3 that rank must still run the vision modules (the model's
-``vision_dummy_for_text_only``) or the parameter all-gathers of the two ranks no longer match and
-the job hangs. Skip mode: the run finishes with finite losses, ``data/skipped_too_long`` in MLflow
+The shards are laid out so that the loader's plan gives one rank only image samples (two of them
+with 8 views: their image tokens alone exceed data.max_length) and the other rank only text-only
+samples: each shard is a single block (8 samples, data.block_size 64) and the 2 micro-batch places
+of a global batch (4 / 2) read one lane each, a lane being half the block order, i.e. one shard
+(a too-long sample's replacement may come from the other shard). So in steps one rank's
+micro-batch has no image at all while the other's has: under ZeRO-3 that rank must still run the
+vision modules (the model's ``vision_dummy_for_text_only``) or the parameter all-gathers of the
+two ranks no longer match and the job hangs. Skip mode: the run finishes with finite losses, ``data/skipped_too_long`` in MLflow
 is the sum over ranks. Strict mode: a ``SampleError`` naming the shard and key of a too-long sample.
 """
 from __future__ import annotations
@@ -24,7 +26,7 @@ from train_harness import run_ranks, tracked_epoch_overrides, train_rank, typed_
 
 pytestmark = pytest.mark.slow
 DEADLINE_S = 420  # a rank still running then hangs: the test fails instead of the suite hanging
-PER_SHARD = 8  # samples per shard = per rank (2 ranks, 2 equal shards): 4 steps of 2 x 2 samples
+PER_SHARD = 8  # samples per shard = per lane = per rank (2 ranks, 2 equal shards): 4 steps of 2 x 2 samples
 TOO_LONG_VIEWS = 8  # 8 views x 64 px: image tokens end at 637 (tiny processor)
 MAX_LENGTH = 400  # a single 64 px image ends at 167, a 4-view sample at 325
 

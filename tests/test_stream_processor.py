@@ -27,14 +27,14 @@ def test_stage2_batches_and_too_long_drops(tmp_path: Path, processor) -> None:
     manifest, _ = write_shards(tmp_path, [6, 6], views=views)
     # max_length that a single-image sample fits exactly and a 4-view sample cannot
     single = ConversationTransform(processor, 10**6)
-    loader0 = build_loader(cfg_for(manifest, micro_batch_size=1, num_workers=0, shuffle_buffer=1),
+    loader0 = build_loader(cfg_for(manifest, micro_batch_size=1, num_workers=0, block_size=1),
                            0, 1, stage="stage2")
     raws = {s["id"]: s for b in loader0 for s in b}
     max_len = len(single(raws["s00000"])["input_ids"])
     with pytest.raises(ImageTokensExceedMaxLength):
         ConversationTransform(processor, max_len)(raws["s00002"])
 
-    cfg = cfg_for(manifest, micro_batch_size=2, num_workers=2, shuffle_buffer=4, max_length=max_len)
+    cfg = cfg_for(manifest, micro_batch_size=2, num_workers=2, block_size=4, max_length=max_len)
     loader = build_loader(cfg, 0, 1, transform=ConversationTransform(processor, cfg.max_length),
                           collate=processor.collate)
     batches = list(loader)
@@ -50,7 +50,7 @@ def test_stage1_batches_carry_image_labels(tmp_path: Path, processor) -> None:
     labels = {i: i % 2 for i in range(12)}
     labels[3] = None
     manifest, _ = write_shards(tmp_path, [6, 6], labels=labels, views={4: 4})
-    cfg = cfg_for(manifest, micro_batch_size=2, num_workers=0, shuffle_buffer=4)
+    cfg = cfg_for(manifest, micro_batch_size=2, num_workers=0, block_size=4)
     loader = build_loader(cfg, 0, 1, stage="stage1", transform=ExpertTransform(processor),
                           collate=processor.collate)
     batches = list(loader)
@@ -58,4 +58,5 @@ def test_stage1_batches_carry_image_labels(tmp_path: Path, processor) -> None:
     for b in batches:
         assert set(b) == {"pixel_values", "image_grids", "image_sizes", "image_labels"}
         assert b["image_labels"].shape == (2,) and set(b["image_labels"].tolist()) <= {0.0, 1.0}
-    assert loader.filtered == {"unlabelled": 1, "multi_view": 1}
+    # both are met in their span; a replacement drawn from the refill sequence may meet one again
+    assert set(loader.filtered) == {"unlabelled", "multi_view"} and min(loader.filtered.values()) >= 1

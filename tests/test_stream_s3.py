@@ -8,7 +8,7 @@ from PIL import Image
 
 from aov_dist import storage
 from aov_dist.data.config import DataConfig, DatasetSpec
-from shard_helpers import build_loader, cfg_for, collect, ids_of, write_shards
+from shard_helpers import build_loader, cfg_for, layout_steps, states_after, write_shards
 
 
 def _upload(folder: Path, prefix: str) -> str:
@@ -17,17 +17,19 @@ def _upload(folder: Path, prefix: str) -> str:
     return f"{prefix}/manifest.json"
 
 
-def test_s3_reads_the_same_as_local_and_resumes(tmp_path: Path, s3_bucket: str) -> None:
+def test_s3_reads_the_same_as_local_and_resumes_on_another_world_size(tmp_path: Path, s3_bucket: str) -> None:
     manifest, _ = write_shards(tmp_path, [9, 9, 9, 9, 5], kinds={4: "bad_json"})
     s3_manifest = _upload(tmp_path, f"{s3_bucket}/shards/v1")
-    local = cfg_for(manifest, micro_batch_size=2, num_workers=2, shuffle_buffer=4)
-    remote = cfg_for(s3_manifest, micro_batch_size=2, num_workers=2, shuffle_buffer=4)
-    full_local, _ = collect(build_loader(local, 0, 2, transform=ids_of), 2)
-    full_remote, _ = collect(build_loader(remote, 0, 2, transform=ids_of), 2)
-    assert full_remote == full_local
-    first, state = collect(build_loader(remote, 0, 2, transform=ids_of), 2, (0, 3))
-    rest, _ = collect(build_loader(remote, 0, 2, transform=ids_of, state=state), 2)
-    assert first + rest == full_local
+    local = cfg_for(manifest, micro_batch_size=2, num_workers=2, block_size=4)
+    remote = cfg_for(s3_manifest, micro_batch_size=2, num_workers=2, block_size=4)
+    full_local, _ = layout_steps(local, 2, 8, epochs=2)
+    full_remote, loaders = layout_steps(remote, 2, 8, epochs=2)
+    assert full_remote == full_local and len(full_local) == 10
+    assert sum(loader.skipped.get("bad_json", 0) for loader in loaders) >= 2  # once per epoch at least
+    # 2 ranks stop after 3 steps; 1 rank with 2 workers goes on from rank 1's state
+    state = states_after(remote, 2, 8, steps=3)[1]
+    rest, _ = layout_steps(remote, 1, 8, epochs=2, states=[state])
+    assert rest == full_local[3:]
 
 
 def test_s3_missing_manifest_names_the_url(s3_bucket: str) -> None:
@@ -42,7 +44,7 @@ def test_reads_the_shard_writer_output(synthetic_shards) -> None:
     records = json.loads(Path(synthetic_shards.data.train_json).read_text())
     by_id = {r["id"]: r for r in records}
     cfg = DataConfig(datasets=[DatasetSpec("synthetic", str(synthetic_shards.manifest_path))],
-                     micro_batch_size=1, num_workers=0, shuffle_buffer=8)
+                     micro_batch_size=1, num_workers=0, block_size=8)
     loader = build_loader(cfg, 0, 1)
     samples = [s for b in loader for s in b]
     assert loader.skipped == {}

@@ -1,9 +1,9 @@
 """Golden-loss and resume tests: real DeepSpeed (ZeRO-3 / ZeRO-2) on spawned gloo ranks, no Ray.
 
-Equivalence: 2 ranks x 1 loader worker vs 1 rank x 2 loader workers keep the number of loader
-slots (world x max(1, num_workers)) equal, so both runs see the same samples in the same
-micro-batches; the 1-rank run accumulates 4 micro-batches per step where each of the 2 ranks
-accumulates 2. Same global batch -> same per-step losses and the same final weights.
+Equivalence: 2 ranks x 1 loader worker vs 1 rank x 2 loader workers see the same samples in the
+same global batches (the sample order depends on neither); the 1-rank run accumulates 4
+micro-batches per step where each of the 2 ranks accumulates 2. Same global batch -> same per-step
+losses and the same final weights.
 
 This test found a real bug: Stage1Task called ``engine.module.expert_forward`` directly, which
 skips DeepSpeed's forward bookkeeping; under ZeRO-3 with gradient accumulation the gradients of

@@ -64,7 +64,7 @@ def tracked_epoch_overrides(manifest: str | Path, tmp_path: Path, run_name: str,
     ``tmp_path``; its checkpoints go to ``tmp_path``/runs."""
     return tiny_overrides(manifest, tmp_path / "runs", world=2, num_workers=0, steps=-1, global_batch=4, micro=2,
                           run_name=run_name, tracking=True,
-                          extra=["stage.epochs=1", "train.checkpoint_every_steps=100", "data.shuffle_buffer=4",
+                          extra=["stage.epochs=1", "train.checkpoint_every_steps=100", "data.block_size=64",
                                  f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
                                  f"tracking.artifact_location={tmp_path}/art", *extra])
 

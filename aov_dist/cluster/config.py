@@ -94,6 +94,12 @@ class ClusterConfig:
     # Ray Train restarts the whole worker group this many times after a worker dies (preemption,
     # a lost node, an NCCL error); the group resumes from the newest committed checkpoint.
     max_failures: int = 0
+    # Elastic training: after losing workers (a preempted or removed node) Ray Train restarts the
+    # group on as many as it can place, down to this many, and grows it back towards
+    # nodes x workers_per_node when resources return; each restart resumes the newest checkpoint,
+    # resharded for the new number (ZeRO-3 only). None = a fixed group of nodes x workers_per_node.
+    # Restarts count against max_failures.
+    min_workers: Optional[int] = None
     # Memory of one GPU in GiB (the planner's budget per worker); 0 on CPU clusters.
     gpu_memory_gib: float = 0.0
     k8s: K8sConfig = field(default_factory=K8sConfig)
@@ -101,6 +107,11 @@ class ClusterConfig:
     @property
     def num_workers(self) -> int:
         return self.nodes * self.workers_per_node
+
+    @property
+    def worker_counts(self) -> range:
+        """Every number of workers the job may run on (one unless elastic)."""
+        return range(self.num_workers if self.min_workers is None else self.min_workers, self.num_workers + 1)
 
     @property
     def accelerator(self) -> str:
@@ -115,6 +126,10 @@ class ClusterConfig:
             value = getattr(self, key)
             if not isinstance(value, int) or value < 1:
                 raise ClusterConfigError(f"cluster.{key}", f"must be an integer >= 1, got {value!r}")
+        if self.min_workers is not None and not (isinstance(self.min_workers, int)
+                                                 and 1 <= self.min_workers <= self.num_workers):
+            raise ClusterConfigError("cluster.min_workers", f"must be null or 1..{self.num_workers} (nodes x "
+                                     f"workers_per_node), got {self.min_workers!r}")
         if self.backend not in VALID_BACKENDS:
             raise ClusterConfigError("cluster.backend", f"must be one of {VALID_BACKENDS}, got {self.backend!r}")
         if self.placement_strategy not in VALID_PLACEMENT:

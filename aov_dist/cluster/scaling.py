@@ -19,10 +19,13 @@ def worker_resources(cfg: ClusterConfig) -> dict[str, float]:
 
 
 def scaling_config(cfg: ClusterConfig):
-    """ray.train.ScalingConfig for cfg.num_workers workers with the section's placement."""
+    """ray.train.ScalingConfig for cfg.num_workers workers with the section's placement; elastic
+    (Ray Train's (min, max) range) when cluster.min_workers is below that."""
     from ray.train import ScalingConfig
 
-    return ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=worker_resources(cfg),
+    counts = cfg.worker_counts
+    workers = cfg.num_workers if len(counts) == 1 else (counts[0], counts[-1])
+    return ScalingConfig(num_workers=workers, use_gpu=cfg.use_gpu, resources_per_worker=worker_resources(cfg),
                          placement_strategy=cfg.placement_strategy, accelerator_type=cfg.accelerator_type)
 
 

@@ -28,16 +28,19 @@ class DataConfig:
     datasets: list[DatasetSpec] = field(default_factory=lambda: [DatasetSpec()])
     # samples per batch on one rank (the loader batches inside its workers)
     micro_batch_size: int = 2
-    # DataLoader worker processes per rank; each one reads its own slice of the shards
-    # (0 = read in the training process, one slice per rank)
+    # DataLoader worker processes per rank; they share the rank's micro-batches (micro-batch t goes
+    # to worker t % num_workers), the order of samples does not depend on them (0 = read in the
+    # training process)
     num_workers: int = 1
     # batches each worker prepares ahead (DataLoader prefetch_factor; only with num_workers > 0)
     prefetch_factor: int = 2
     # how DataLoader workers start: None = the platform default (fork on Linux); "spawn" or
     # "forkserver" where forking a threaded process (e.g. a Ray worker) is a concern
     mp_context: Optional[str] = None
-    # shuffle buffer per worker stream, in samples (1 = no shuffle inside a slice)
-    shuffle_buffer: int = 256
+    # samples per block: every shard is cut into blocks of this many consecutive samples; an
+    # epoch orders the blocks at random and the samples inside each block (1 = every sample its
+    # own block: the most random order, one tar seek per sample)
+    block_size: int = 64
     seed: int = 0
     # tokens per sample after image expansion (one AnyRes image at 384 px is up to ~9k tokens with
     # the official presets); longer samples are skipped and counted as too_long
@@ -50,7 +53,8 @@ class DataConfig:
     skip_window: int = 1000
     # images whose width or height is smaller than this are treated as corrupt (1x1 placeholders)
     min_image_side: int = 2
-    # samples per epoch on all ranks together for a mixture; None = sum of the datasets' sizes
+    # usable samples per epoch on all ranks together (for a mixture); None = the datasets' sizes
+    # (stage 1: their manifests' labelled samples)
     samples_per_epoch: Optional[int] = None
     # S3 endpoint for s3:// URLs (credentials come from the environment only);
     # None = AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL from the environment
@@ -68,7 +72,7 @@ class DataConfig:
         rules = (
             ("micro_batch_size", self.micro_batch_size >= 1, ">= 1"),
             ("num_workers", self.num_workers >= 0, ">= 0"),
-            ("shuffle_buffer", self.shuffle_buffer >= 1, ">= 1"),
+            ("block_size", self.block_size >= 1, ">= 1 samples"),
             ("on_error", self.on_error in ON_ERROR_CHOICES, f"one of {ON_ERROR_CHOICES}"),
             ("mp_context", self.mp_context in (None, "fork", "spawn", "forkserver"), "null, fork, spawn or forkserver"),
             ("max_skip_fraction", 0.0 <= self.max_skip_fraction <= self.fail_skip_fraction <= 1.0,

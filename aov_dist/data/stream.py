@@ -1,4 +1,4 @@
-"""Resumable, rank-balanced streaming loader over aov-shards (docs/architecture.md §1-§3).
+"""Resumable streaming loader over aov-shards (docs/architecture.md §1-§3) with one global order.
 
 Public API::
 
@@ -6,54 +6,63 @@ Public API::
                           transform=None,     # raw sample dict -> encoded (processor.encode_conversation)
                           collate=None,       # list[encoded] -> batch (processor.collate); default: list
                           stage="stage2",     # "stage1": labelled single-image samples only
-                          state=None,         # a loader.state_dict() to continue from
-                          too_long_exceptions=None)  # default: processor.ImageTokensExceedMaxLength
+                          state=None,         # a loader.state_dict() of any rank of any layout
+                          too_long_exceptions=None,  # default: processor.ImageTokensExceedMaxLength
+                          global_batch_size=None)    # default: world_size x micro_batch_size
     for epoch in range(loader.epoch, num_epochs):
-        for batch in loader:                  # yields exactly loader.batches_per_epoch batches
+        for batch in loader:                  # yields exactly loader.batches_per_epoch micro-batches
             ...
-            ckpt["data"] = loader.state_dict()   # small JSON-able dict, per rank
-    loader.skipped    # {reason: count} of bad samples, cumulative (decode.SKIP_REASONS)
-    loader.filtered   # {reason: count} of stage-1 filtered samples (decode.FILTER_REASONS)
-    loader.info()     # sizes for logging: batches_per_epoch, dropped_per_epoch, ...
+            ckpt["data"] = loader.state_dict()   # small JSON-able dict, after an optimizer step
+    loader.skipped    # {reason: count} of this rank's bad samples, cumulative (decode.SKIP_REASONS)
+    loader.filtered   # {reason: count} of this rank's stage-1 filtered samples (decode.FILTER_REASONS)
+    loader.info()     # sizes for logging: batches_per_epoch, global_batches_per_epoch, lanes, ...
 
 With the model's processor use ``transforms.ConversationTransform(processor, max_length)`` (stage 2)
 or ``transforms.ExpertTransform(processor)`` (stage 1) and ``collate=processor.collate``.
 
 How order, balance and resume work (details in plan.py and reader.py):
 
-* Each rank runs ``streams = max(1, num_workers)`` worker streams ("slots", ``rank * streams +
-  worker``). Per epoch, each dataset's shards get a seeded order common to all ranks, the
-  concatenated samples are cut into equal contiguous ranges, one per slot, and every slot shuffles
-  its range with a simulated shuffle buffer (seed, dataset, epoch, slot). Shards are therefore read
-  sequentially, by one slot each (at most two slots share a shard at range edges).
-* Equal batch counts (ZeRO-3 hangs otherwise): every slot hands out the same number of good
-  samples per epoch, ``batches_per_stream * micro_batch_size``, computed from the manifests alone;
-  the remainder of the split and of the last batch is dropped (``info()["dropped_per_epoch"]``).
-  A skipped bad sample is replaced by the slot's next planned sample; when the slot's range runs out
-  it continues with a refill pass over the same range (a new shuffle, so a few samples repeat).
-  Hence no rank can run short, and no per-step agreement between ranks is needed.
-* Mixture: each handed-out position draws a dataset with probability ~ weight from a seeded stream
-  (seed, epoch, slot); each dataset keeps its own position. An epoch has ``samples_per_epoch /
-  slots`` samples per slot, default the sum of the datasets' ranges.
+* One order for every layout: the micro-batches of an epoch are a function of the manifests, the
+  seed, the epoch, ``data.block_size`` and the (global, micro) batch sizes; never of the number of
+  ranks or DataLoader workers. Each dataset's shards are cut into blocks of ``block_size``
+  consecutive samples; per epoch the blocks are put in a seeded order and each block's samples
+  too. A global batch has ``lanes = global_batch_size / micro_batch_size`` micro-batch places;
+  place u of every global batch reads the next span of lane u, a contiguous range of the block
+  order (plan.py), so a micro-batch reads one block (or two) of one shard.
+* Global batches: the epoch's sequence is global batch after global batch, place after place, so
+  micro-batch m of global batch g holds positions ``[m * micro, (m + 1) * micro)`` of it. With
+  ``accum = global_batch_size / (world_size * micro_batch_size)``, rank r gets places
+  ``[r * accum, (r + 1) * accum)`` of every global batch, in that order: a contiguous slice.
+  An epoch has ``floor(usable samples / global_batch_size)`` global batches for every layout;
+  ``batches_per_epoch`` = that x accum micro-batches per rank (equal on every rank: ZeRO-3 hangs
+  otherwise).
+* Bad and filtered samples: a micro-batch whose span has fewer usable samples than it needs takes
+  the next usable ones of a refill sequence at its own place (reader.py): the rule depends on
+  (seed, epoch, global batch, place) and the data only, so every layout replaces them alike.
+  ``on_error: skip`` counts bad samples in ``loader.skipped``, ``fail`` raises
+  ``decode.SampleError`` naming the shard URL and sample key; a tar that ends early or breaks is
+  checked against the manifest's sample count, so lost samples are counted too.
 * Stage 1 keeps labelled single-image samples (multi-view and unlabelled ones are filtered and
-  counted); its epoch size assumes the manifest's labelled share, refilling when a slot has fewer.
-* Determinism with DataLoader workers: every worker yields its batches tagged with its logical
-  stream and its state after the batch; the DataLoader hands batches out round-robin, batch ``i``
-  from stream ``i % streams``, and the loader checks that. ``state_dict()`` keeps, per stream, the
-  state after the last batch the *trainer received* (prefetched batches are not counted). On resume
-  physical worker ``p`` plays stream ``(p + batches_done) % streams``, so the round-robin continues
-  where it stopped: the remaining batches are exactly those of an uninterrupted run.
+  counted). Its epoch holds the manifests' labelled samples and its spans are stretched by the
+  labelled share (about ``micro_batch_size / share`` positions), so replacements stay the exception
+  when the manifest is right. The cost grows as the share shrinks: every sample of a span is read
+  and decoded (filters come before the image decode), so a share of 10 % reads ten samples per
+  used one, and the usable ones of a span beyond ``micro_batch_size`` are left unused.
+* Mixture: in every lane, each position draws a dataset by weight (seeded); each dataset keeps its
+  own position and cycles through reshuffled passes when drawn more often than its size allows.
+  ``data.samples_per_epoch`` sets the epoch's usable samples (default: the datasets' sizes).
+* DataLoader workers (any ``num_workers``; 0 = in this process): worker ``w`` makes this rank's
+  micro-batches ``t`` with ``t % workers == w``; the DataLoader hands them out round-robin, so
+  they arrive in order, and the loader checks that. Prefetched batches are not counted as
+  consumed. When ``num_workers`` divides ``accum`` every lane is read by one worker; otherwise
+  workers share lanes and read (not decode) each other's samples too.
+* State: ``state_dict()`` is (epoch, global batches done) plus the settings that fix the order and
+  this rank's counts; any rank of any layout can load any rank's state and continues with exactly
+  the next global batch's micro-batches of its own places. A state with another seed, datasets,
+  stage, block size, samples per epoch, global or micro batch size is refused naming the key.
+  Counts: a state of the same rank and world size restores that rank's counts; any other starts
+  from zero (the loop hands rank 0 the job's totals with ``set_counts_before``).
 * Epochs: ``iter(loader)`` yields the rest of the current epoch, then advances ``loader.epoch``.
-* A state is only valid for the same data config, seed, world size, rank and num_workers; any
-  other combination is refused with a ValueError naming the field (never silently re-split).
-* Bad samples (decode.py lists the reasons): ``on_error: skip`` counts them in ``loader.skipped``,
-  ``fail`` raises ``decode.SampleError`` naming the shard URL and sample key. A tar that ends
-  early or breaks is checked against the manifest's sample count, so lost samples are counted too.
-
-Why our own tar reader instead of a webdataset pipeline: resuming exactly needs the order of
-samples to be known before reading (positions, not buffers, are saved) and the split to be by
-sample counts rather than whole shards (equal batches on every rank); webdataset's stages
-(split_by_node, shuffle) keep their state inside the running iterator.
 """
 from __future__ import annotations
 
@@ -63,10 +72,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from aov_dist import storage
 from aov_dist.data.config import DataConfig
-from aov_dist.data.plan import EpochBudget, epoch_budget, load_manifest
-from aov_dist.data.reader import ReaderSettings, SlotReader, SlotState
+from aov_dist.data.loader_state import check_state, counts_from_state, state_of
+from aov_dist.data.plan import dataset_blocks, load_manifest, plan_epoch
+from aov_dist.data.reader import EpochReader, ReaderSettings
 
-STATE_VERSION = 1
 STAGES = ("stage1", "stage2")
 
 
@@ -94,152 +103,112 @@ def _add(total: dict[str, int], part: dict[str, int]) -> dict[str, int]:
 
 
 class _EpochDataset(IterableDataset):
-    """The batches of one rank's remaining epoch; each DataLoader worker runs one stream."""
+    """This rank's micro-batches ``start``.. of one epoch; DataLoader worker w makes every
+    ``workers``-th one from ``start + w`` on."""
 
-    def __init__(self, settings: ReaderSettings, rank: int, streams: int, epoch: int,
-                 states: list[Optional[dict]], batches_done: int, batch_size: int,
-                 batches_per_stream: int, collate: Callable[[list], Any]):
+    def __init__(self, settings: ReaderSettings, rank: int, accum: int, epoch: int, start: int,
+                 workers: int, collate: Callable[[list], Any]):
         super().__init__()
-        self.settings, self.rank, self.streams, self.epoch = settings, rank, streams, epoch
-        self.states, self.batches_done, self.batch_size = states, batches_done, batch_size
-        self.batches_per_stream, self.collate = batches_per_stream, collate
+        self.settings, self.rank, self.accum, self.epoch = settings, rank, accum, epoch
+        self.start, self.workers, self.collate = start, workers, collate
 
-    def __iter__(self) -> Iterator[tuple[int, int, dict, Any]]:
+    def __iter__(self) -> Iterator[tuple[int, dict, dict, Any]]:
         info = get_worker_info()
-        physical = info.id if info is not None else 0
-        if info is not None and info.num_workers != self.streams:
-            raise RuntimeError(f"DataLoader has {info.num_workers} workers, loader planned "
-                               f"{self.streams} streams")
-        # the next batch is due from stream batches_done % streams: make physical worker 0 play it
-        logical = (physical + self.batches_done) % self.streams
-        done = self.batches_done // self.streams + (1 if logical < self.batches_done % self.streams else 0)
-        st = self.states[logical]
-        reader = SlotReader(self.settings, self.rank * self.streams + logical, self.epoch,
-                            SlotState.from_dict(st) if st is not None else None)
-        for b in range(done, self.batches_per_stream):
-            samples = [reader.next_sample() for _ in range(self.batch_size)]
-            yield logical, b, reader.state.to_dict(), self.collate(samples)
+        w = info.id if info is not None else 0
+        if info is not None and info.num_workers != self.workers:
+            raise RuntimeError(f"DataLoader has {info.num_workers} workers, the loader planned {self.workers}")
+        reader = EpochReader(self.settings, self.epoch)
+        try:
+            for t in range(self.start + w, self.settings.plan.global_batches * self.accum, self.workers):
+                g, a = divmod(t, self.accum)
+                samples = reader.micro_batch(g, self.rank * self.accum + a)
+                skipped, filtered = reader.take_counts()
+                yield t, skipped, filtered, self.collate(samples)
+        finally:
+            reader.close()
 
 
 class ResumableLoader:
-    """Iterable over one rank's batches, epoch by epoch; see the module docstring."""
+    """Iterable over one rank's micro-batches, epoch by epoch; see the module docstring."""
 
-    def __init__(self, cfg: DataConfig, settings: ReaderSettings, budget: EpochBudget, rank: int,
-                 world_size: int, collate: Callable[[list], Any], state: Optional[dict] = None,
-                 pin_memory: bool = False):
-        self.cfg, self.settings, self.budget = cfg, settings, budget
-        self.pin_memory = pin_memory
+    def __init__(self, cfg: DataConfig, settings: ReaderSettings, rank: int, world_size: int,
+                 global_batch_size: int, collate: Callable[[list], Any], pin_memory: bool = False):
+        self.cfg, self.settings, self.pin_memory = cfg, settings, pin_memory
         self.rank, self.world_size, self.collate = rank, world_size, collate
-        self.streams = max(1, cfg.num_workers)
+        self.global_batch_size = global_batch_size
+        self.accum = global_batch_size // (world_size * cfg.micro_batch_size)
         self.epoch = 0
-        self.batches_done = 0  # batches of the current epoch handed to the trainer
-        self._workers: list[Optional[dict]] = [None] * self.streams
-        self._skipped_before: dict[str, int] = {}  # counts of finished epochs
-        self._filtered_before: dict[str, int] = {}
-        if state is not None:
-            self.load_state_dict(state)
+        self.batches_done = 0  # micro-batches of the current epoch handed to the trainer
+        self.skipped: dict[str, int] = {}  # this rank's counts of batches handed out
+        self.filtered: dict[str, int] = {}
 
     @property
     def batches_per_epoch(self) -> int:
-        return self.budget.batches_per_rank
+        return self.settings.plan.global_batches * self.accum
 
     def __len__(self) -> int:
         return self.batches_per_epoch
 
-    def _counts(self, before: dict[str, int], key: str) -> dict[str, int]:
-        """Finished epochs' counts plus each stream's of the current epoch."""
-        total = dict(before)
-        for w in self._workers:
-            if w is not None:
-                total = _add(total, w[key])
-        return total
-
-    @property
-    def skipped(self) -> dict[str, int]:
-        return self._counts(self._skipped_before, "skipped")
-
-    @property
-    def filtered(self) -> dict[str, int]:
-        return self._counts(self._filtered_before, "filtered")
-
     def info(self) -> dict:
+        plan = self.settings.plan
         return {
             "stage": self.settings.stage,
             "batches_per_epoch": self.batches_per_epoch,
-            "samples_per_stream": self.budget.samples_per_slot,
-            "streams_per_rank": self.streams,
-            "dropped_per_epoch": self.budget.dropped_per_epoch,
+            "global_batches_per_epoch": plan.global_batches,
+            "accumulation": self.accum,
+            "lanes": plan.lanes,
+            "lane_positions_per_epoch": plan.lane_positions,
+            "usable_per_epoch": plan.usable,
+            "dropped_per_epoch": plan.dropped,
             "datasets": {ix.name: ix.total for ix in self.settings.indexes},
         }
 
+    def set_counts_before(self, skipped: dict, filtered: dict) -> None:
+        """Make this rank's counts ``skipped`` / ``filtered`` (the job's totals at a resume on
+        another world size, handed to rank 0); batches handed out from now on add to them."""
+        self.skipped = {k: int(v) for k, v in skipped.items()}
+        self.filtered = {k: int(v) for k, v in filtered.items()}
+
     def _roll_epoch(self) -> None:
         if self.batches_done >= self.batches_per_epoch:
-            self._skipped_before, self._filtered_before = self.skipped, self.filtered
-            self._workers = [None] * self.streams
             self.epoch += 1
             self.batches_done = 0
 
     def __iter__(self) -> Iterator[Any]:
         self._roll_epoch()
-        ds = _EpochDataset(self.settings, self.rank, self.streams, self.epoch, list(self._workers),
-                           self.batches_done, self.cfg.micro_batch_size,
-                           self.budget.batches_per_stream, self.collate)
+        workers = max(1, self.cfg.num_workers)
+        ds = _EpochDataset(self.settings, self.rank, self.accum, self.epoch, self.batches_done, workers,
+                           self.collate)
         if self.cfg.num_workers == 0:
             it: Any = iter(ds)
         else:
             it = iter(DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers,
                                  prefetch_factor=self.cfg.prefetch_factor, collate_fn=_identity,
                                  multiprocessing_context=self.cfg.mp_context, pin_memory=self.pin_memory))
-        for logical, _, wstate, batch in it:
-            if logical != self.batches_done % self.streams:
-                raise RuntimeError(f"rank {self.rank}: batch {self.batches_done} of epoch "
-                                   f"{self.epoch} came from stream {logical}, expected "
-                                   f"{self.batches_done % self.streams}: worker order broke")
-            self._workers[logical] = wstate
+        for t, skipped, filtered, batch in it:
+            if t != self.batches_done:
+                raise RuntimeError(f"rank {self.rank}: micro-batch {self.batches_done} of epoch {self.epoch} "
+                                   f"was due, a worker handed out {t}: worker order broke")
+            self.skipped, self.filtered = _add(self.skipped, skipped), _add(self.filtered, filtered)
             self.batches_done += 1
             yield batch
         if self.batches_done != self.batches_per_epoch:
             raise RuntimeError(f"rank {self.rank}: epoch {self.epoch} ended after "
-                               f"{self.batches_done} batches, planned {self.batches_per_epoch}")
+                               f"{self.batches_done} micro-batches, planned {self.batches_per_epoch}")
         self._roll_epoch()
 
     def state_dict(self) -> dict:
         self._roll_epoch()
-        return {
-            "version": STATE_VERSION,
-            "epoch": self.epoch,
-            "batches_done": self.batches_done,
-            "batches_per_epoch": self.batches_per_epoch,
-            "seed": self.cfg.seed,
-            "rank": self.rank,
-            "world_size": self.world_size,
-            "streams_per_rank": self.streams,
-            "stage": self.settings.stage,
-            "datasets": [ix.name for ix in self.settings.indexes],
-            "workers": [None if w is None else dict(w) for w in self._workers],
-            "skipped_before": dict(self._skipped_before),
-            "filtered_before": dict(self._filtered_before),
-        }
+        if self.batches_done % self.accum:
+            raise ValueError(f"rank {self.rank}: state_dict() after {self.batches_done} micro-batches, "
+                             f"inside a global batch of {self.accum}: take it after an optimizer step")
+        return state_of(self, self.batches_done // self.accum)
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"loader state version {state.get('version')!r}, "
-                             f"expected {STATE_VERSION}")
-        # continuing exactly needs the same split of the data: refuse anything else loudly
-        expect = {"seed": self.cfg.seed, "rank": self.rank, "world_size": self.world_size,
-                  "streams_per_rank": self.streams, "stage": self.settings.stage,
-                  "datasets": [ix.name for ix in self.settings.indexes],
-                  "batches_per_epoch": self.batches_per_epoch}
-        for key, want in expect.items():
-            if state.get(key) != want:
-                raise ValueError(f"loader state has {key}={state.get(key)!r} but this loader has "
-                                 f"{want!r}: resume with the same data config, world size and "
-                                 f"num_workers (or start the data stream afresh)")
+        check_state(self, state)
         self.epoch = int(state["epoch"])
-        self.batches_done = int(state["batches_done"])
-        self._workers = [None if w is None else dict(w) for w in state["workers"]]
-        self._skipped_before = dict(state.get("skipped_before", {}))
-        self._filtered_before = dict(state.get("filtered_before", {}))
+        self.batches_done = int(state["global_batches_done"]) * self.accum
+        self.skipped, self.filtered = counts_from_state(self, state)
         self._roll_epoch()
 
 
@@ -248,11 +217,12 @@ def build_loader(cfg: Any, rank: int, world_size: int,
                  collate: Optional[Callable[[list], Any]] = None, stage: str = "stage2",
                  state: Optional[dict] = None,
                  too_long_exceptions: Optional[tuple[type[BaseException], ...]] = None,
-                 pin_memory: bool = False) -> ResumableLoader:
+                 pin_memory: bool = False, global_batch_size: Optional[int] = None) -> ResumableLoader:
     """Read the manifests and build this rank's loader (see the module docstring).
 
     ``pin_memory``: batches arrive in page-locked memory (GPU workers: the copy to the device is
-    then asynchronous).
+    then asynchronous). ``global_batch_size``: samples per optimizer step on all ranks together
+    (the job's ``stage.global_batch_size``); a multiple of ``world_size x micro_batch_size``.
 
     ``cfg`` may also be the Hydra/OmegaConf ``data`` node (or a plain dict) of that schema.
     """
@@ -265,21 +235,26 @@ def build_loader(cfg: Any, rank: int, world_size: int,
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    per_step = world_size * cfg.micro_batch_size
+    global_batch_size = per_step if global_batch_size is None else global_batch_size
+    if global_batch_size < 1 or global_batch_size % per_step:
+        raise ValueError(f"stage.global_batch_size: {global_batch_size} is not a positive multiple of "
+                         f"world_size x data.micro_batch_size = {per_step}")
     open_url = _Opener(cfg.s3_endpoint_url)
     indexes = [load_manifest(d.manifest, d.name, open_url) for d in cfg.datasets]
-    streams = max(1, cfg.num_workers)
-    num_slots = world_size * streams
-    budget = epoch_budget(indexes, num_slots, streams, cfg.micro_batch_size, stage,
-                          cfg.samples_per_epoch)
+    weights = [d.weight for d in cfg.datasets]
+    plan = plan_epoch(indexes, weights, stage, global_batch_size, cfg.micro_batch_size, cfg.samples_per_epoch)
     settings = ReaderSettings(
-        indexes=indexes, weights=[d.weight for d in cfg.datasets], seed=cfg.seed,
-        num_slots=num_slots, shuffle_buffer=cfg.shuffle_buffer, stage=stage,
-        on_error=cfg.on_error, min_image_side=cfg.min_image_side, open_url=open_url,
-        transform=transform,
+        indexes=indexes, blocks=[dataset_blocks(ix, cfg.block_size) for ix in indexes], weights=weights,
+        seed=cfg.seed, plan=plan, stage=stage, on_error=cfg.on_error, min_image_side=cfg.min_image_side,
+        open_url=open_url, transform=transform,
         too_long=processor_too_long_exceptions() if too_long_exceptions is None
         else tuple(too_long_exceptions))
-    return ResumableLoader(cfg, settings, budget, rank, world_size, collate or list_collate, state,
-                           pin_memory=pin_memory)
+    loader = ResumableLoader(cfg, settings, rank, world_size, global_batch_size, collate or list_collate,
+                             pin_memory=pin_memory)
+    if state is not None:
+        loader.load_state_dict(state)
+    return loader
 
 
 class _Opener:

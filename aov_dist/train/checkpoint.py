@@ -111,9 +111,15 @@ _RESUME_KEYS = {
 }
 
 
+def written_by(step_folder: str) -> int:
+    """How many workers wrote a checkpoint: a job on another number resumes it resharded."""
+    return int(read_json(f"{step_folder}/trainer_state.json")["world_size"])
+
+
 def check_resume(cfg, step_folder: str) -> None:
     """Raise ConfigError naming the first key in which ``cfg`` differs from the job that wrote
-    ``step_folder`` (its config.yaml), with what to set; the world size must match too."""
+    ``step_folder`` (its config.yaml), with what to set. The number of workers may differ: the
+    job then resumes resharded (checkpointing.restore)."""
     from omegaconf import OmegaConf
 
     from aov_dist.config import ConfigError
@@ -128,11 +134,12 @@ def check_resume(cfg, step_folder: str) -> None:
             raise ConfigError(key, f"{want!r}, but {step_folder} was written with {key}={was!r} ({why}); set "
                               f"{key}={was} to resume it, or start a new run (another train.run_name, or "
                               f"train.resume=false)")
-    workers = read_json(f"{step_folder}/trainer_state.json").get("world_size")
-    if workers is not None and workers != cfg.cluster.num_workers:
+    workers = written_by(step_folder)
+    if cfg.deepspeed.zero_stage != 3 and workers != cfg.cluster.num_workers:
         raise ConfigError("cluster.nodes", f"{step_folder} was written by {workers} workers and this job has "
-                          f"{cfg.cluster.num_workers} (cluster.nodes x cluster.workers_per_node): resume on "
-                          f"{workers} workers")
+                          f"{cfg.cluster.num_workers} (cluster.nodes x cluster.workers_per_node): ZeRO-2 "
+                          f"checkpoints resume on the number of workers that wrote them (resharding is "
+                          f"ZeRO-3's): resume on {workers} workers")
 
 
 def write_marker(path: str, step: int, world_size: int) -> None:
@@ -162,6 +169,18 @@ def write_json(url: str, obj: Any) -> None:
 
 def read_json(url: str) -> Any:
     return json.loads(storage.read_bytes(url))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also every CUDA device
+
+
+def reseed(seed: int, step: int, rank: int) -> None:
+    """RNG streams of a rank that resumes on another world size (the saved streams belong to the
+    old ranks): a function of (seed, step, rank), so such a resume is reproducible too."""
+    seed_everything(int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0]))
 
 
 def rng_state() -> dict[str, Any]:

@@ -12,8 +12,13 @@ upload failed (then every rank raises, naming the target: no rank waits in a col
 left). At most one checkpoint is in flight: the next save, and the end of the job, first wait for
 it (``finish``). A crash before the commit leaves the previous checkpoint the newest committed one.
 
-Resuming: each rank downloads only the DeepSpeed files it loads (its own partitions) from remote
-storage, into a temporary folder removed after the load.
+Resuming on the world size that wrote the checkpoint: each rank downloads only the DeepSpeed files
+it loads (its own partitions) from remote storage, into a temporary folder removed after the load,
+and restores its own loader position and RNG. On another world size (fewer or more workers): the
+first worker of each machine converts the ZeRO files to DeepSpeed's universal form in a node-local
+folder (downloading the whole ``ds/`` folder once per machine when it is remote), every rank loads
+its new partitions from there, continues the one global sample order from rank 0's loader state
+(rank 0 takes over the job's skip counts) and reseeds its RNG from (train.seed, step, rank).
 """
 from __future__ import annotations
 
@@ -186,20 +191,62 @@ def safe_yaml(cfg) -> str:
 
 # ------------------------------------------------------------------------------------ restore
 def restore(strategy, loader, skips, path: str, rank: int, result) -> None:
-    """Load every rank's state of the committed step folder ``path`` into the running job."""
-    local, fetched = _fetch_own_state(strategy, path, rank)
-    try:
-        strategy.load(f"{local}/ds")
-    finally:
-        if fetched is not None:
-            shutil.rmtree(local, ignore_errors=True)
-    loader.load_state_dict(ckpt.read_json(f"{path}/loader/rank_{rank}.json"))
-    ckpt.set_rng_state(ckpt.read_json(f"{path}/rng/rank_{rank}.json"))
+    """Load every rank's state of the committed step folder ``path`` into the running job (on
+    another world size when the strategy was initialised with ``load_universal``)."""
     state = ckpt.read_json(f"{path}/trainer_state.json")
+    if strategy.load_universal:
+        _load_resharded(strategy, path)
+        loader.load_state_dict(ckpt.read_json(f"{path}/loader/rank_0.json"))
+        if rank == 0:  # the job's skip and filter counts so far, so the summed metrics go on from them
+            loader.set_counts_before(*_job_counts(path, int(state["world_size"])))
+        ckpt.reseed(strategy.cfg.train.seed, int(state["step"]), rank)
+    else:
+        local, fetched = _fetch_own_state(strategy, path, rank)
+        try:
+            strategy.load(f"{local}/ds")
+        finally:
+            if fetched is not None:
+                shutil.rmtree(local, ignore_errors=True)
+        result.restored_bytes = fetched or 0
+        loader.load_state_dict(ckpt.read_json(f"{path}/loader/rank_{rank}.json"))
+        ckpt.set_rng_state(ckpt.read_json(f"{path}/rng/rank_{rank}.json"))
     skips.load_state_dict(state.get("skip_window", {}))
     result.step, result.losses, result.resumed_from = state["step"], list(state["losses"]), path
-    result.restored_bytes = fetched or 0
-    log.info("rank %d resumed from %s at step %d", rank, path, result.step)
+    log.info("rank %d resumed from %s at step %d%s", rank, path, result.step,
+             f" (written by {state['world_size']} workers: resharded)" if strategy.load_universal else "")
+
+
+def _load_resharded(strategy, path: str) -> None:
+    """Load a checkpoint of another world size through its universal form, made once per machine."""
+    def convert(target) -> None:
+        src = f"{path}/ds"
+        if storage.is_remote(path):
+            src = f"{target}/downloaded"
+            storage.copy_to_local(f"{path}/ds", src)
+        strategy.to_universal(src, f"{target}/ds")
+        if src != f"{path}/ds":
+            shutil.rmtree(src, ignore_errors=True)
+
+    root = os.path.join(os.environ.get("AOV_CACHE", os.path.expanduser("~/.cache/aov_dist")), "resharded")
+    target, built = storage.build_once(path.rstrip("/"), convert, root)
+    try:
+        strategy.load(f"{target}/ds")
+    finally:
+        strategy.barrier()  # every rank of every machine has loaded: the converted copy can go
+        if built:
+            shutil.rmtree(target, ignore_errors=True)
+
+
+def _job_counts(path: str, saved_world: int) -> tuple[dict[str, int], dict[str, int]]:
+    """Skipped and filtered samples of the job up to ``path``: the sum over the ranks that wrote it."""
+    skipped: dict[str, int] = {}
+    filtered: dict[str, int] = {}
+    for r in range(saved_world):
+        state = ckpt.read_json(f"{path}/loader/rank_{r}.json")
+        for total, part in ((skipped, state.get("skipped", {})), (filtered, state.get("filtered", {}))):
+            for k, v in part.items():
+                total[k] = total.get(k, 0) + int(v)
+    return skipped, filtered
 
 
 def _fetch_own_state(strategy, path: str, rank: int) -> tuple[str, Optional[int]]:

@@ -2,6 +2,7 @@
 log the final model. Nothing is started before the config is valid."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -123,12 +124,16 @@ def _fit(c: TrainJobConfig, container: dict, run_id: Optional[str], show_progres
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from aov_dist.cluster.scaling import scaling_config
     from aov_dist.train.loop import worker_entry
 
     init_ray(c)
-    progress = Queue(maxsize=10000)
+    # The progress queue lives on the driver's machine, never on a worker node a job may lose
+    # (its loss would fail the job at its end), and takes no CPU a worker could use.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    progress = Queue(maxsize=10000, actor_options={"num_cpus": 0, "scheduling_strategy": here})
     done: dict[str, Any] = {}
     watcher = threading.Thread(target=_show_progress, args=(progress, done, show_progress, c.stage.name), daemon=True)
     watcher.start()
@@ -144,9 +149,15 @@ def _fit(c: TrainJobConfig, container: dict, run_id: Optional[str], show_progres
             checkpoint_config=CheckpointConfig(num_to_keep=c.train.keep_checkpoints),
         ),
     )
-    trainer.fit()
-    watcher.join(timeout=30)
-    ray.kill(progress.actor)
+    try:
+        trainer.fit()
+        watcher.join(timeout=30)
+    finally:
+        # also after a failed fit: a watcher left polling would reconnect to Ray after shutdown
+        done["_stop"] = True
+        watcher.join(timeout=5)
+        with contextlib.suppress(Exception):  # never mask the fit's own error
+            ray.kill(progress.actor)
     return TrainResult(run_id=run_id, run_dir=ckpt.run_dir(c.train.storage_path, c.train.run_name),
                        losses=done.get("losses", []), checkpoints=done.get("checkpoints", []),
                        latest_checkpoint=ckpt.latest_committed(c.train.storage_path, c.train.run_name),

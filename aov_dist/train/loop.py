@@ -9,13 +9,11 @@ from __future__ import annotations
 import logging
 import math
 import os
-import random
 import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-import numpy as np
 import torch
 
 from aov_dist.config import TrainJobConfig, micro_steps_per_step, to_typed
@@ -35,12 +33,6 @@ class LoopResult:
     resumed_from: Optional[str] = None
     optimizer: str = ""
     restored_bytes: int = 0  # what this rank downloaded to resume (remote checkpoints)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 @dataclass
@@ -88,21 +80,22 @@ def run_training(cfg: TrainJobConfig, rank: int, world: int, run_id: Optional[st
     quiet_library_warnings()
     strategy = strategy or DeepSpeedStrategy(cfg)
     strategy.init_distributed()
-    seed_everything(cfg.train.seed)
+    ckpt.seed_everything(cfg.train.seed)
     task = task or make_task(cfg.stage.name)
     model, processor = strategy.build_model(lambda: task.build_model(cfg, gather=strategy.gathered_for_update))
     groups = model.stage_parameter_groups(cfg.stage.name, train_vision_tower="vision_tower" in cfg.stage.lr)
 
-    accum = micro_steps_per_step(cfg)
+    accum = micro_steps_per_step(cfg, world)
     loader = task.build_loader(cfg, processor, rank, world)
     steps_per_epoch = max(1, loader.batches_per_epoch // accum)
     total = cfg.stage.max_steps if cfg.stage.max_steps > 0 else max(1, math.floor(cfg.stage.epochs * steps_per_epoch))
-    strategy.initialize(model, groups, total, steps_per_epoch)
+    resume = ckpt.resume_point(cfg.train)
+    strategy.initialize(model, groups, total, steps_per_epoch,
+                        load_universal=bool(resume) and ckpt.written_by(resume) != world)
     del model  # from here on the engine owns it
     skips = SkipPolicy(cfg.data.skip_window, cfg.data.max_skip_fraction, cfg.data.fail_skip_fraction)
 
     result = LoopResult(step=0, optimizer=strategy.optimizer_name)
-    resume = ckpt.resume_point(cfg.train)
     if resume:
         restore(strategy, loader, skips, resume, rank, result)
     tracker = make_tracker(cfg.tracking, run_id, rank)

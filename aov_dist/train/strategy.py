@@ -84,6 +84,7 @@ class DeepSpeedStrategy:
     of the loop, the optimizer, the engine, save/load and consolidated weights."""
 
     TAG = "state"  # the folder inside ds/ that DeepSpeed writes a checkpoint's files to
+    UNIVERSAL_TAG = "state_universal"  # its resharded form, made on the machine that resumes
 
     def __init__(self, cfg: TrainJobConfig, device: Optional[torch.device] = None):
         self.cfg = cfg
@@ -94,6 +95,7 @@ class DeepSpeedStrategy:
         self.optimizer_name = ""
         self.engine = None  # the DeepSpeed engine (initialize); nothing outside this class touches it
         self._hf_ds_config = None  # must stay referenced while the model is built under zero.Init
+        self.load_universal = False  # initialize(): the engine restores a resharded checkpoint
 
     @property
     def zero3(self) -> bool:
@@ -147,6 +149,14 @@ class DeepSpeedStrategy:
             dist.all_reduce(totals)
         return totals.tolist()
 
+    @staticmethod
+    def world_size() -> Optional[int]:
+        """The job's workers once torch.distributed is up (an elastic job may run on fewer than
+        the cluster section's), else None."""
+        import torch.distributed as dist
+
+        return dist.get_world_size() if dist.is_initialized() else None
+
     def barrier(self) -> None:
         import torch.distributed as dist
 
@@ -171,7 +181,7 @@ class DeepSpeedStrategy:
         return {
             "train_batch_size": c.stage.global_batch_size,
             "train_micro_batch_size_per_gpu": c.data.micro_batch_size,
-            "gradient_accumulation_steps": micro_steps_per_step(c),
+            "gradient_accumulation_steps": micro_steps_per_step(c, self.world_size()),
             "gradient_clipping": c.stage.grad_clip,
             "zero_optimization": zero,
             "bf16": {"enabled": self.use_bf16},
@@ -179,6 +189,7 @@ class DeepSpeedStrategy:
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 10**12,
             "wall_clock_breakdown": False,
+            "checkpoint": {"load_universal": self.load_universal},
         }
 
     def build_model(self, build: Callable[[], tuple[nn.Module, Any]]) -> tuple[nn.Module, Any]:
@@ -217,10 +228,13 @@ class DeepSpeedStrategy:
         return torch.optim.AdamW(param_groups, **common)
 
     def initialize(self, model: nn.Module, groups: dict[str, list[nn.Parameter]], total_steps: int,
-                   steps_per_epoch: int):
-        """DeepSpeed engine over AdamW with one param group per stage group and its own lr."""
+                   steps_per_epoch: int, load_universal: bool = False):
+        """DeepSpeed engine over AdamW with one param group per stage group and its own lr.
+        ``load_universal``: the job resumes from a checkpoint of another world size (``load``
+        then reads its universal form, ``to_universal``); DeepSpeed fixes this when the engine is built."""
         import deepspeed
 
+        self.load_universal = load_universal
         st = self.cfg.stage
         param_groups = [{"params": params, "lr": st.lr[name], "name": name, "weight_decay": st.weight_decay}
                         for name, params in groups.items()]
@@ -269,12 +283,16 @@ class DeepSpeedStrategy:
         self.engine.save_checkpoint(directory, tag=self.TAG, save_latest=False, exclude_frozen_parameters=True)
 
     def load(self, directory: str) -> None:
-        """Restore every rank's state; DeepSpeed's files go through the safe checkpoint engine."""
+        """Restore every rank's state from ``directory``/``TAG`` (the same world size) or, with
+        ``load_universal``, from ``directory``/``UNIVERSAL_TAG`` (any world size: each rank takes
+        its new partition of every parameter and Adam moment). DeepSpeed's files go through the
+        safe checkpoint engine."""
         if not isinstance(self.engine.checkpoint_engine, safe_checkpoint_engine_class()):
             raise RuntimeError("refusing to load a DeepSpeed checkpoint without the safe checkpoint engine "
                                "(build the engine with DeepSpeedStrategy.initialize)")
         # not strict: the frozen parameters are not in the files (save), the model was built with them
-        path, _ = self.engine.load_checkpoint(directory, tag=self.TAG, load_module_strict=False,
+        tag = self.UNIVERSAL_TAG if self.load_universal else self.TAG
+        path, _ = self.engine.load_checkpoint(directory, tag=tag, load_module_strict=False,
                                               load_optimizer_states=True, load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint state under {directory!r}")
@@ -334,6 +352,14 @@ class DeepSpeedStrategy:
             if (m is None and name.endswith(".pt")) or (m is not None and int(m.group(1)) == rank):
                 out.append(name)
         return out
+
+    @staticmethod
+    def to_universal(ds_dir: str, out_ds_dir: str) -> None:
+        """The resharded form of a local ``ds/`` folder (any world size), written to
+        ``out_ds_dir``/``UNIVERSAL_TAG`` for ``load`` with ``load_universal`` (see ds_universal.py)."""
+        from aov_dist.train.ds_universal import convert_to_universal
+
+        convert_to_universal(f"{ds_dir}/{DeepSpeedStrategy.TAG}", f"{out_ds_dir}/{DeepSpeedStrategy.UNIVERSAL_TAG}")
 
     @staticmethod
     def state_dict_from_shards(ds_dir: str) -> dict[str, torch.Tensor]:

@@ -65,7 +65,8 @@ class _ModelTask:
         from aov_dist.data.stream import build_loader
 
         return build_loader(cfg.data, rank, world, transform=self.transform(processor, cfg),
-                            collate=processor.collate, stage=self.stage, pin_memory=cfg.cluster.use_gpu)
+                            collate=processor.collate, stage=self.stage, pin_memory=cfg.cluster.use_gpu,
+                            global_batch_size=cfg.stage.global_batch_size)
 
     @staticmethod
     def count_tokens(batch: dict[str, torch.Tensor]) -> int:
