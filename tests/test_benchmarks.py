@@ -113,5 +113,6 @@ def test_bench_checkpoint_toy(synthetic_shards):
         # the tiny model's fp32 weights alone are ~8 MB: the hf/ export is that size, ds/ adds optimizer state
         assert 5 < _positive(r["hf/ MB"]) < 12
         assert _positive(r["ds/ MB"]) > float(r["hf/ MB"])
-        assert _positive(r["step folder MB"]) >= float(r["ds/ MB"]) + float(r["hf/ MB"])
+        # (the figures are printed to 3 significant digits)
+        assert _positive(r["step folder MB"]) >= (float(r["ds/ MB"]) + float(r["hf/ MB"])) * 0.99
     assert rows[0]["step folder MB"] == rows[1]["step folder MB"]  # the same files, wherever they are stored

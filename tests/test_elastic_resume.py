@@ -2,9 +2,10 @@
 
 4 workers train 8 steps (global batch 12, micro-batch 1: 3 micro-batches per rank and step) and
 commit step 4 and step 8. Jobs on 2 and on 3 workers resume the step-4 checkpoint (DeepSpeed's
-universal form of the ZeRO files, gradient accumulation 6 and 4) and must give the uninterrupted
-run's losses for steps 5-8 and its final weights, and train on exactly the samples the
-uninterrupted run used in each of those global batches (a ledger of sample ids per step).
+universal form of the ZeRO files, gradient accumulation 6 and 4), and 4 workers resume the
+2-worker job's step 6: each must give the uninterrupted run's losses for the steps it trains and
+its final weights, and train on exactly the samples the uninterrupted run used in each of those
+global batches (a ledger of sample ids per step).
 
 Under Ray Train (elastic, ``cluster.min_workers=2``): a 4-worker job on a two-node Ray cluster loses
 one node for good after committing step 4 and must finish on the 2 workers left, with the same
@@ -106,12 +107,19 @@ def runs(manifest, tmp_path_factory):
     return run
 
 
+def _resumed_from_step4(runs, world: int) -> list[dict]:
+    """The uninterrupted 4-worker run's step 4, resumed on ``world`` workers (saving every 2 steps)."""
+    step4 = runs("w4", 4)[0]["checkpoints"][0]
+    assert Path(step4).name == f"step_{SAVED}"
+    return runs(f"w4_to_w{world}", world, (f"train.resume_from='{step4}'", "train.checkpoint_every_steps=2",
+                                           "train.keep_checkpoints=3"))
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_a_checkpoint_of_4_workers_resumes_on_fewer_with_the_same_losses_weights_and_samples(runs, world):
     full = runs("w4", 4)
     step4 = full[0]["checkpoints"][0]
-    assert Path(step4).name == f"step_{SAVED}"
-    resumed = runs(f"w4_to_w{world}", world, (f"train.resume_from='{step4}'",))
+    resumed = _resumed_from_step4(runs, world)
     assert all(r["resumed_from"] == step4 for r in resumed)
     assert resumed[0]["losses"][:SAVED] == full[0]["losses"][:SAVED]  # restored, not retrained
     assert resumed[0]["losses"] == pytest.approx(full[0]["losses"], rel=1e-5)
@@ -125,6 +133,17 @@ def test_a_checkpoint_of_4_workers_resumes_on_fewer_with_the_same_losses_weights
     assert len(after) == STEPS - SAVED and after == uninterrupted[SAVED:]
     every = [i for step in before + after for i in step]
     assert len(every) == STEPS * GLOBAL == len(set(every))
+
+
+def test_a_checkpoint_of_2_workers_resumes_on_4_with_the_same_losses_weights_and_samples(runs):
+    full = runs("w4", 4)
+    [step6] = [c for c in _resumed_from_step4(runs, 2)[0]["checkpoints"] if Path(c).name == "step_6"]
+    back = runs("w4_to_w2_to_w4", 4, (f"train.resume_from='{step6}'",))
+    assert back[0]["resumed_from"] == step6
+    assert back[0]["losses"] == pytest.approx(full[0]["losses"], rel=1e-5)
+    assert_states_close(hf_state(back[0]["checkpoints"][-1]), hf_state(full[0]["checkpoints"][-1]),
+                        rtol=1e-4, atol=1e-5)
+    assert steps_ledger(back) == steps_ledger(full)[6:]
 
 
 # ---- Ray Train: a node removed for good ----
@@ -169,14 +188,14 @@ def ledger_and_park_first_group() -> None:
 
 def _remove_node_when_parked(cluster, node, hook_dir: Path, step4: str, record: dict) -> None:
     from aov_dist.train import checkpoint as ckpt
-    from test_faults_worker_kill import _ray_registered_a_checkpoint
+    from train_harness import ray_registered_a_checkpoint
 
     storage = Path(step4).parents[1]
     deadline = time.monotonic() + WAIT_S
     try:
         while time.monotonic() < deadline:
             parked = len(list(hook_dir.glob("parked_*")))
-            if parked == 4 and ckpt.is_committed(step4) and _ray_registered_a_checkpoint(storage):
+            if parked == 4 and ckpt.is_committed(step4) and ray_registered_a_checkpoint(storage):
                 cluster.remove_node(node, allow_graceful=False)
                 record["removed"] = True
                 return
@@ -190,25 +209,13 @@ def test_a_ray_job_that_loses_a_node_finishes_on_the_workers_left(runs, manifest
     import ray
     from ray.cluster_utils import Cluster
 
-    from aov_dist.cluster import scaling
     from aov_dist.train import checkpoint as ckpt
     from aov_dist.train.driver import main
-    from train_harness import compose_cfg
+    from train_harness import compose_cfg, install_worker_setup_hook
 
     hook_dir = tmp_path / "hook"
     hook_dir.mkdir()
-    tests_dir = str(Path(__file__).resolve().parent)
-    real_env = scaling.runtime_env
-
-    def runtime_env_with_hook(cluster_cfg):
-        env = real_env(cluster_cfg) or {}
-        env.setdefault("env_vars", {}).update({HOOK_DIR_ENV: str(hook_dir), "PYTHONPATH": os.pathsep.join(
-            p for p in (tests_dir, os.environ.get("PYTHONPATH")) if p)})
-        env["worker_process_setup_hook"] = f"{Path(__file__).stem}.ledger_and_park_first_group"
-        return env
-
-    monkeypatch.setattr(scaling, "runtime_env", runtime_env_with_hook)
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    install_worker_setup_hook(monkeypatch, __file__, "ledger_and_park_first_group", {HOOK_DIR_ENV: str(hook_dir)})
     # Ray's first restart still counts the removed node's CPUs and waits this long for 4 workers
     # before it sizes the group by what is left (default 60 s)
     monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "20")

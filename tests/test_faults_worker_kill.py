@@ -18,7 +18,6 @@ group can only resume through the checkpoint Ray hands back (loop._reported_chec
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
 import signal
@@ -93,27 +92,18 @@ def _train_workers() -> dict[int, str]:
     return found
 
 
-def _ray_registered_a_checkpoint(storage: Path) -> bool:
-    for snapshot in glob.glob(f"{storage}/_ray/**/checkpoint_manager_snapshot.json", recursive=True):
-        try:
-            if "checkpoint_" in Path(snapshot).read_text():
-                return True
-        except OSError:  # being rewritten
-            pass
-    return False
-
-
 def _kill_when_parked(kill_dir: Path, storage: Path, record: dict) -> None:
     """Background thread of the test: SIGKILL the parked rank 1 once step 2 is committed
     everywhere (our marker and Ray's checkpoint registry)."""
     from aov_dist.train import checkpoint as ckpt
+    from train_harness import ray_registered_a_checkpoint
 
     step2 = ckpt.step_dir(str(storage), "killed", EVERY)
     deadline = time.monotonic() + WAIT_S
     try:
         while time.monotonic() < deadline:
             parked = kill_dir / PARKED
-            if parked.exists() and ckpt.is_committed(step2) and _ray_registered_a_checkpoint(storage):
+            if parked.exists() and ckpt.is_committed(step2) and ray_registered_a_checkpoint(storage):
                 pid = int(parked.read_text())
                 record.update(pid=pid, cmdline=_train_workers().get(pid, ""),
                               steps_on_disk=ckpt.list_steps(str(storage), "killed"))
@@ -139,25 +129,15 @@ def ray_session():
 
 def test_killed_worker_resumes_from_the_checkpoint_with_the_uninterrupted_losses_and_weights(
         tmp_path, synthetic_shards, ray_session, monkeypatch):
-    from aov_dist.cluster import scaling
     from aov_dist.train import checkpoint as ckpt
     from aov_dist.train.driver import main
-    from train_harness import assert_states_close, compose_cfg, hf_state, run_ranks, typed_cfg
+    from train_harness import (assert_states_close, compose_cfg, hf_state, install_worker_setup_hook, run_ranks,
+                               typed_cfg)
 
     manifest = synthetic_shards.manifest_path
     kill_dir = tmp_path / "kill"
     kill_dir.mkdir()
-    tests_dir = str(Path(__file__).resolve().parent)
-    real_env = scaling.runtime_env
-
-    def runtime_env_with_hook(cluster):
-        env = real_env(cluster) or {}
-        env.setdefault("env_vars", {}).update({KILL_DIR_ENV: str(kill_dir), "PYTHONPATH": os.pathsep.join(
-            p for p in (tests_dir, os.environ.get("PYTHONPATH")) if p)})
-        env["worker_process_setup_hook"] = f"{Path(__file__).stem}.park_rank1_of_first_attempt"
-        return env
-
-    monkeypatch.setattr(scaling, "runtime_env", runtime_env_with_hook)
+    install_worker_setup_hook(monkeypatch, __file__, "park_rank1_of_first_attempt", {KILL_DIR_ENV: str(kill_dir)})
     storage = tmp_path / "runs"
     record: dict = {}
     killer = threading.Thread(target=_kill_when_parked, args=(kill_dir, storage, record), daemon=True)

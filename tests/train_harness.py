@@ -262,3 +262,36 @@ def save_checkpoint(cfg, step: int, module: Optional[FakeModule] = None) -> str:
     writer.finish()
     (path,) = committed
     return path
+
+
+# ---- Ray Train jobs driven by tests ----
+
+def install_worker_setup_hook(monkeypatch, test_file: str, hook: str, env_vars: dict[str, str]) -> None:
+    """Run ``<test module>.<hook>`` in every Ray worker process of jobs the driver starts from now
+    on (Ray's ``worker_process_setup_hook``), with ``env_vars`` set and the tests folder importable."""
+    from aov_dist.cluster import scaling
+
+    tests_dir = str(Path(test_file).resolve().parent)
+    real_env = scaling.runtime_env
+
+    def runtime_env_with_hook(cluster):
+        env = real_env(cluster) or {}
+        env.setdefault("env_vars", {}).update({**env_vars, "PYTHONPATH": os.pathsep.join(
+            p for p in (tests_dir, os.environ.get("PYTHONPATH")) if p)})
+        env["worker_process_setup_hook"] = f"{Path(test_file).stem}.{hook}"
+        return env
+
+    monkeypatch.setattr(scaling, "runtime_env", runtime_env_with_hook)
+
+
+def ray_registered_a_checkpoint(storage: str | Path) -> bool:
+    """Whether Ray Train's checkpoint manager under ``storage``/_ray has registered a report."""
+    import glob
+
+    for snapshot in glob.glob(f"{storage}/_ray/**/checkpoint_manager_snapshot.json", recursive=True):
+        try:
+            if "checkpoint_" in Path(snapshot).read_text():
+                return True
+        except OSError:  # being rewritten
+            pass
+    return False

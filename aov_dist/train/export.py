@@ -85,11 +85,7 @@ def merge_shards(step: str, out: str, config_dir: Optional[str] = None) -> str:
         if missing or unexpected:
             raise RuntimeError(f"checkpoint {step} does not match the model built from its config: "
                                f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
-        local_out = os.path.join(tmp, "hf") if storage.is_remote(out) else out
-        model.save_pretrained(local_out, safe_serialization=True)
-        processor.save_pretrained(local_out)
-        if storage.is_remote(out):
-            storage.copy_from_local(local_out, out)
+        _save_hf(model, processor, out, tmp)
     return out
 
 
@@ -115,11 +111,7 @@ def _complete(hf: str, out: str) -> str:
 
     with tempfile.TemporaryDirectory(prefix="aov-export-") as tmp:
         model, processor = build_model(ModelConfig(pretrained_path=_local_copy(hf, "hf", tmp)))
-        local_out = os.path.join(tmp, "out") if storage.is_remote(out) else out
-        model.save_pretrained(local_out, safe_serialization=True)
-        processor.save_pretrained(local_out)
-        if storage.is_remote(out):
-            storage.copy_from_local(local_out, out)
+        _save_hf(model, processor, out, tmp)
     return out
 
 
@@ -149,3 +141,12 @@ def cli(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     cli(sys.argv[1:])
+
+
+def _save_hf(model, processor, out: str, tmp: str) -> None:
+    """Model + processor as an HF folder at ``out`` (staged in ``tmp`` when ``out`` is remote)."""
+    local_out = os.path.join(tmp, "hf-out") if storage.is_remote(out) else out
+    model.save_pretrained(local_out, safe_serialization=True)
+    processor.save_pretrained(local_out)
+    if storage.is_remote(out):
+        storage.copy_from_local(local_out, out)
