@@ -187,22 +187,10 @@ def ledger_and_park_first_group() -> None:
 
 
 def _remove_node_when_parked(cluster, node, hook_dir: Path, step4: str, record: dict) -> None:
-    from aov_dist.train import checkpoint as ckpt
-    from train_harness import ray_registered_a_checkpoint
+    from train_harness import act_once_committed
 
-    storage = Path(step4).parents[1]
-    deadline = time.monotonic() + WAIT_S
-    try:
-        while time.monotonic() < deadline:
-            parked = len(list(hook_dir.glob("parked_*")))
-            if parked == 4 and ckpt.is_committed(step4) and ray_registered_a_checkpoint(storage):
-                cluster.remove_node(node, allow_graceful=False)
-                record["removed"] = True
-                return
-            time.sleep(0.2)
-        record["error"] = f"not 4 parked ranks / committed {step4} / Ray registration within {WAIT_S} s"
-    except Exception as e:  # reported by the test, not lost in the thread
-        record["error"] = repr(e)
+    act_once_committed(lambda: len(list(hook_dir.glob("parked_*"))) == 4, step4,
+                       lambda: cluster.remove_node(node, allow_graceful=False), record, WAIT_S)
 
 
 def test_a_ray_job_that_loses_a_node_finishes_on_the_workers_left(runs, manifest, tmp_path, monkeypatch):
@@ -241,7 +229,7 @@ def test_a_ray_job_that_loses_a_node_finishes_on_the_workers_left(runs, manifest
         ray.shutdown()
         cluster.shutdown()
     remover.join(timeout=5)
-    assert record.get("removed"), record
+    assert record.get("done"), record
     full = runs("w4", 4)
     # resumed from step 4 on the 2 workers left, through the checkpoint Ray handed back
     assert result.resumed_from == step4 and ckpt.is_committed(result.latest_checkpoint)

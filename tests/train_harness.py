@@ -11,7 +11,7 @@ import json
 import os
 import socket
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -46,7 +46,7 @@ def tiny_overrides(manifest: str | Path, storage: str | Path, *, world: int = 1,
         f"data.micro_batch_size={micro}",
         f"stage.global_batch_size={global_batch}",
         f"stage.max_steps={steps}",
-        f"cluster.nodes=1",
+        "cluster.nodes=1",
         f"cluster.workers_per_node={world}",
         f"deepspeed=zero{zero}",
         "deepspeed.param_persistence_threshold=0",
@@ -295,3 +295,26 @@ def ray_registered_a_checkpoint(storage: str | Path) -> bool:
         except OSError:  # being rewritten
             pass
     return False
+
+
+def act_once_committed(ready: Callable[[], bool], step_folder: str, act: Callable[[], None], record: dict,
+                       wait_s: float) -> None:
+    """Body of a test's background thread: once ``ready()`` holds, ``step_folder`` is committed and
+    Ray Train has registered a checkpoint (under the step folder's storage), run ``act`` and set
+    ``record["done"]``; a timeout or an exception lands in ``record["error"]`` for the test to report."""
+    import time
+
+    from aov_dist.train import checkpoint as ckpt
+
+    storage = Path(step_folder).parents[1]
+    deadline = time.monotonic() + wait_s
+    try:
+        while time.monotonic() < deadline:
+            if ready() and ckpt.is_committed(step_folder) and ray_registered_a_checkpoint(storage):
+                act()
+                record["done"] = True
+                return
+            time.sleep(0.2)
+        record["error"] = f"not ready / {step_folder} not committed / no Ray registration within {wait_s} s"
+    except Exception as e:  # reported by the test, not lost in the thread
+        record["error"] = repr(e)

@@ -64,24 +64,31 @@ def _build_model(step: str, config_dir: Optional[str]):
     from aov_dist.model import ModelConfig, build_model
     from aov_dist.train.tasks import make_task
 
-    if config_dir is not None:
-        return build_model(ModelConfig(pretrained_path=config_dir))
+    if config_dir is not None:  # a complete HF folder: what the shards lack comes from it
+        model, processor = build_model(ModelConfig(pretrained_path=config_dir))
+        return model, processor, None
     if not storage.exists(f"{step}/{ckpt.CONFIG_FILE}"):
         raise FileNotFoundError(f"{step} has neither hf/ nor {ckpt.CONFIG_FILE}: pass --config-dir with the "
                                 "run's model config and processor")
     cfg = to_typed(OmegaConf.create(storage.read_bytes(f"{step}/{ckpt.CONFIG_FILE}").decode()))
-    return make_task(cfg.stage.name).build_model(cfg)
+    model, processor = make_task(cfg.stage.name).build_model(cfg)
+    trained = {id(p) for group in model.stage_parameter_groups(
+        cfg.stage.name, train_vision_tower="vision_tower" in cfg.stage.lr).values() for p in group}
+    return model, processor, {n for n, p in model.named_parameters() if id(p) not in trained}
 
 
 def merge_shards(step: str, out: str, config_dir: Optional[str] = None) -> str:
-    """Every rank's ZeRO partitions (and frozen parameters) -> one HF folder at ``out``."""
+    """Every rank's ZeRO partitions -> one HF folder at ``out``. The shards hold the parameters the
+    stage trained; the frozen ones are not saved there and come from the model rebuilt as the job
+    built it (its config's sources: the pretrained folder, ``stage.init_from``, a seeded init)."""
     from aov_dist.train.strategy import DeepSpeedStrategy
 
     with tempfile.TemporaryDirectory(prefix="aov-export-") as tmp:
         state = DeepSpeedStrategy.state_dict_from_shards(_local_copy(f"{step}/ds", "ds", tmp))
-        model, processor = _build_model(step, config_dir)
+        model, processor, frozen = _build_model(step, config_dir)
         missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not _is_tied(model, k)]  # tied weights are stored once
+        missing = [k for k in missing if not _is_tied(model, k)  # tied weights are stored once
+                   and frozen is not None and k not in frozen]
         if missing or unexpected:
             raise RuntimeError(f"checkpoint {step} does not match the model built from its config: "
                                f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
