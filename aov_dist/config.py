@@ -120,6 +120,8 @@ def validate(cfg: DictConfig | TrainJobConfig | dict[str, Any], *, check_paths: 
         raise ConfigError("stage.epochs", "must be > 0 (or set stage.max_steps)")
     if not 0.0 <= c.stage.warmup_ratio < 1.0:
         raise ConfigError("stage.warmup_ratio", f"must be in [0, 1), got {c.stage.warmup_ratio}")
+    if c.data.packing and c.stage.name != "stage2":
+        raise ConfigError("data.packing", f"packs conversations (stage2); {c.stage.name} has no text to pack")
     if c.stage.name == "stage2" and c.stage.require_init and not (
             c.stage.init_from or c.model.expert_path or c.model.pretrained_path):
         raise ConfigError("stage.init_from", "stage2 needs trained expert weights: a stage-1 checkpoint "

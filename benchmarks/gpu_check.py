@@ -7,11 +7,21 @@ one process per visible GPU over NCCL (gloo on CPU), and prints one JSON summary
 (a) stage-2 steps of a random-init model with the ``aov_0.5b`` dimensions (SigLIP-so400m + Qwen2
     0.5B, its 152k vocabulary), bf16, ZeRO-3, SDPA; FlashAttention-2 as well when ``flash_attn``
     imports, with its step-1 loss checked against SDPA's (same weights, same batch);
-(b) tokens/s and MFU against a bf16 matmul peak measured in the same run (FLOPs per sample from
-    ``benchmarks/gpu_mfu.py``'s formula, the same fixed sample shape every step);
+(b) tokens/s and MFU as the training loop logs them: its goodput ledger counts each step's model
+    FLOPs (``aov_dist/model/flops.py``: training_flops of every micro-batch of every rank), and the
+    bf16 matmul peak measured in the same run goes in as ``train.peak_flops_per_device``, so the
+    summary's MFU is the loop's own ``mfu`` metric (on CPU the loop logs none: there the summary
+    divides the loop's ``goodput/model_flops`` by the step time and the measured fp32 matmul peak);
 (c) a checkpoint, a resume from it in a new engine, and the next step's loss compared with the
     uninterrupted run's (same weights and batch: equal up to kernel nondeterminism);
-(d) one evaluation batch with ``generate`` through the evaluation backend on the checkpoint's hf/.
+(d) one evaluation batch with ``generate`` through the evaluation backend on the checkpoint's hf/;
+(e) packing (rank 0, one process, no DeepSpeed, the same preset and precision): a few micro-batches
+    of synthetic stage-2 samples of varied lengths (AnyRes grids from 1x1 to 1x3, text lengths drawn
+    from a seeded range) trained padded (``processor.collate``) and packed
+    (``processor.collate_packed``: one row under FlashAttention-2 when ``flash_attn`` imports, else
+    rows of up to data.max_length under SDPA), forward + backward on the same weights: real tokens/s
+    of both layouts, their ratio, the padding fractions, and the first micro-batch's loss packed
+    against padded (equal up to reduction order: rel 2e-2 in bf16, 1e-5 in fp32 on CPU).
 
 Batches are synthetic and deterministic per (rank, position): one 768x768 image (a 2x2 AnyRes grid,
 5 SigLIP views) plus ``--text-len`` random text tokens per sample (``aov_dist.train.synthetic``),
@@ -66,7 +76,12 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------------- the config
-def job_config(opts: dict, attn: str, run_name: str, resume_from: Optional[str] = None):
+MAX_LENGTH = 32768  # data.max_length of the runs, and the packed rows' limit of check (e)
+PACK_MICRO, PACK_BATCHES, PACK_REPEATS = 4, 3, 2  # (e): samples per micro-batch, micro-batches, timed passes
+PACK_GRIDS = ((1, 1), (1, 2), (2, 1), (2, 2), (1, 3))  # (e): AnyRes grids the samples' images are cut into
+
+
+def job_config(opts: dict, attn: str, run_name: str, resume_from: Optional[str] = None, peak_flops: float = 0.0):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -82,10 +97,12 @@ def job_config(opts: dict, attn: str, run_name: str, resume_from: Optional[str] 
         # one step more than is run: the loop stops before its final save (the middle one is tested)
         f"stage.max_steps={opts['steps'] + 1}",
         f"stage.global_batch_size={opts['micro'] * world * opts['accum']}", f"data.micro_batch_size={opts['micro']}",
-        "data.datasets=[{name: synthetic, manifest: in-memory, weight: 1.0}]", "data.max_length=32768",
+        "data.datasets=[{name: synthetic, manifest: in-memory, weight: 1.0}]", f"data.max_length={MAX_LENGTH}",
         "deepspeed=zero3", *cluster, "cluster.max_failures=0", "tracking.enabled=false",
         f"train.storage_path={opts['workdir']}", f"train.run_name={run_name}",
         f"train.checkpoint_every_steps={opts['checkpoint_at']}", "train.keep_checkpoints=5",
+        # the loop's mfu metric (GPU runs only) divides by this
+        f"train.peak_flops_per_device={peak_flops:.6e}",
     ]
     if resume_from:
         overrides.append(f"train.resume_from={resume_from}")
@@ -96,7 +113,7 @@ def job_config(opts: dict, attn: str, run_name: str, resume_from: Optional[str] 
 
 
 # ---------------------------------------------------------------------------------- one rank
-def _train(opts: dict, attn: str, run_name: str, rank: int, world: int, stop_after: int,
+def _train(opts: dict, attn: str, run_name: str, rank: int, world: int, stop_after: int, peak: float,
            resume_from: Optional[str] = None) -> dict[str, Any]:
     from aov_dist.train.loop import run_training
     from aov_dist.train.synthetic import synthetic_stage2_task
@@ -105,7 +122,7 @@ def _train(opts: dict, attn: str, run_name: str, rank: int, world: int, stop_aft
     t0 = time.perf_counter()
     if opts["gpu"]:
         torch.cuda.reset_peak_memory_stats()
-    result = run_training(job_config(opts, attn, run_name, resume_from), rank, world,
+    result = run_training(job_config(opts, attn, run_name, resume_from, peak), rank, world,
                           task=synthetic_stage2_task(opts["text_len"]),
                           stop_after=stop_after, on_step=lambda m: steps.append({**m, "t": time.perf_counter() - t0}))
     out = {"losses": result.losses, "checkpoints": result.checkpoints, "optimizer": result.optimizer,
@@ -119,14 +136,21 @@ def _train(opts: dict, attn: str, run_name: str, rank: int, world: int, stop_aft
     return out
 
 
-def _speed(run: dict, opts: dict, step_flops: float, peak: float) -> dict[str, Any]:
-    """Median step time of the steps after the first (the first includes start-up)."""
-    later = [opts["global_batch"] / s["samples_per_s"] for s in run["steps"][1:]]
-    step_s = statistics.median(later)
+def _speed(run: dict, opts: dict, peak: float) -> dict[str, Any]:
+    """From the loop's per-step metrics: the median step of those after the first (the first
+    includes start-up). The step time is the loop's own (samples / samples_per_s)."""
+    later = run["steps"][1:]
+    step_s = statistics.median(s["goodput/samples"] / s["samples_per_s"] for s in later)
+    flops = statistics.median(s["goodput/model_flops"] for s in later)  # the same shape every step
+    tokens = statistics.median(s["goodput/text_tokens"] + s["goodput/image_tokens"] for s in later)
+    if all("mfu" in s for s in later):  # GPU: the loop's metric, against train.peak_flops_per_device
+        mfu, source = statistics.median(s["mfu"] for s in later), "loop metric mfu"
+    else:  # CPU: the loop logs no mfu; the same quotient against the measured CPU matmul peak
+        mfu, source = flops / step_s / (peak * opts["world"]), "goodput/model_flops / step time / measured CPU peak"
     return {"step_ms_median": 1e3 * step_s, "samples_per_s": opts["global_batch"] / step_s,
-            "tokens_per_s": opts["global_batch"] * opts["seq_len"] / step_s,
-            "mfu_pct": 100 * step_flops / step_s / (peak * opts["world"]),
-            "first_step_s": run["first_step_s"], "peak_mem_gib": run["peak_mem_gib"], "losses": run["losses"]}
+            "tokens_per_s": tokens / step_s, "model_flops_per_step": flops, "mfu_pct": 100 * mfu,
+            "mfu_source": source, "first_step_s": run["first_step_s"], "peak_mem_gib": run["peak_mem_gib"],
+            "losses": run["losses"]}
 
 
 def _eval_batch(hf_dir: str, device: str) -> dict[str, Any]:
@@ -143,6 +167,84 @@ def _eval_batch(hf_dir: str, device: str) -> dict[str, Any]:
     scores = backend.image_scores(images)
     return {"replies": replies, "expert_scores": scores, "seconds": time.perf_counter() - t0,
             "device": str(backend.device)}
+
+
+def _fwd_bwd_pass(model: torch.nn.Module, batches: list[dict], device: torch.device) -> tuple[float, float]:
+    """Seconds of forward + backward over the micro-batches (no optimizer step: the weights stay
+    the ones both layouts are compared on), and the first micro-batch's loss."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0, first = time.perf_counter(), None
+    for b in batches:
+        loss = model(**b).loss
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        first = loss.detach() if first is None else first
+    sync()
+    return time.perf_counter() - t0, float(first)
+
+
+def _packing(opts: dict, device: torch.device, dtype: torch.dtype, peak: float) -> dict[str, Any]:
+    """Check (e): the same samples padded and packed, forward + backward on the same weights."""
+    import gc
+
+    import numpy as np
+
+    import gpu_mfu
+    from aov_dist.model.presets import preset_dims
+    from aov_dist.train.synthetic import synthetic_sample
+
+    attn = "flash_attention_2" if opts["fa2"] else "sdpa"
+    one_row = attn == "flash_attention_2"
+    processor = gpu_mfu.benchmark_processor(opts["preset"])
+    vocab = preset_dims(opts["preset"])["vocab_size"] or len(processor.tokenizer)
+    rng = np.random.default_rng(0)
+    low, high = min(64, opts["text_len"]), 2 * opts["text_len"]
+    samples = [synthetic_sample(processor, vocab, int(rng.integers(low, high + 1)), seed=i,
+                                grid=PACK_GRIDS[int(rng.integers(len(PACK_GRIDS)))])
+               for i in range(PACK_MICRO * PACK_BATCHES)]
+    groups = [samples[i:i + PACK_MICRO] for i in range(0, len(samples), PACK_MICRO)]
+    host = {"padded": [processor.collate(g) for g in groups],
+            "packed": [processor.collate_packed(g, MAX_LENGTH, one_row=one_row) for g in groups]}
+    config = gpu_mfu.benchmark_config(opts["preset"], vocab, processor.adverb_token_ids)
+    flops = {name: gpu_mfu.step_model_flops(config, batches) for name, batches in host.items()}
+    real = sum(len(s["input_ids"]) for s in samples)
+
+    def to_device(b: dict) -> dict:
+        b = {k: v.to(device) for k, v in b.items()}
+        b["pixel_values"] = b["pixel_values"].to(dtype)
+        return b
+
+    layouts = {name: [to_device(b) for b in batches] for name, batches in host.items()}
+    model = gpu_mfu.build_benchmark_model(opts["preset"], vocab, processor.adverb_token_ids, attn, device, dtype,
+                                          grad_ckpt=opts["grad_ckpt"])
+    model.stage_parameter_groups("stage2")
+
+    losses = {name: _fwd_bwd_pass(model, batches, device)[1] for name, batches in layouts.items()}  # + warm-up
+    seconds: dict[str, list[float]] = {name: [] for name in layouts}
+    for _ in range(PACK_REPEATS):  # alternating, so drifts hit both layouts alike
+        for name, batches in layouts.items():
+            seconds[name].append(_fwd_bwd_pass(model, batches, device)[0])
+    del model, layouts
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    out: dict[str, Any] = {"attn": attn, "layout": "one row" if one_row else f"rows of <= {MAX_LENGTH} tokens",
+                           "micro_batch": PACK_MICRO, "micro_batches": PACK_BATCHES,
+                           "sample_tokens": sorted(len(s["input_ids"]) for s in samples), "real_tokens": real,
+                           "timing": f"forward + backward, best of {PACK_REPEATS} passes after a warm-up pass"}
+    for name, batches in host.items():
+        best = min(seconds[name])
+        out[name] = {"seconds": best, "tokens_per_s": real / best,
+                     "padding_fraction": 1 - real / sum(b["input_ids"].numel() for b in batches),
+                     "rows": sum(int(b["input_ids"].shape[0]) for b in batches), "model_flops": flops[name],
+                     "mfu_pct": 100 * flops[name] / best / peak, "loss_first_micro_batch": losses[name]}
+    out["packed_over_padded_tokens_per_s"] = out["packed"]["tokens_per_s"] / out["padded"]["tokens_per_s"]
+    a, b = losses["padded"], losses["packed"]
+    out["loss_rel_diff"] = abs(b - a) / abs(a)
+    out["loss_rel_tol"] = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    return out
 
 
 def rank_main(rank: int, world: int, port: int, opts: dict, out_path: str) -> None:
@@ -162,14 +264,15 @@ def rank_main(rank: int, world: int, port: int, opts: dict, out_path: str) -> No
         dtype = torch.bfloat16 if opts["gpu"] else torch.float32
         peak = gpu_mfu.matmul_peak_flops(device, dtype, opts["matmul_size"])
         c, n = opts["checkpoint_at"], opts["steps"]
-        runs = {"sdpa": _train(opts, "sdpa", "sdpa", rank, world, stop_after=n)}
-        resumed = _train(opts, "sdpa", "sdpa", rank, world, stop_after=c + 1,
+        runs = {"sdpa": _train(opts, "sdpa", "sdpa", rank, world, stop_after=n, peak=peak)}
+        resumed = _train(opts, "sdpa", "sdpa", rank, world, stop_after=c + 1, peak=peak,
                          resume_from=runs["sdpa"]["checkpoints"][0])
         if opts["fa2"]:
-            runs["flash_attention_2"] = _train(opts, "flash_attention_2", "fa2", rank, world, stop_after=n)
+            runs["flash_attention_2"] = _train(opts, "flash_attention_2", "fa2", rank, world, stop_after=n, peak=peak)
         summary: dict[str, Any] = {"peak_tflops": peak / 1e12}
         if rank == 0:
             summary["eval"] = _eval_batch(f"{runs['sdpa']['checkpoints'][0]}/hf", str(device))
+            summary["packing"] = _packing(opts, device, dtype, peak)
         dist.barrier()
         summary.update(runs=runs, resumed=resumed)
         if rank == 0:
@@ -181,18 +284,19 @@ def rank_main(rank: int, world: int, port: int, opts: dict, out_path: str) -> No
 # ---------------------------------------------------------------------------------- summary
 def summarize(raw: dict, opts: dict) -> dict[str, Any]:
     import gpu_mfu
-    from aov_dist.model.anomaly_ov import AnomalyOVForConditionalGeneration
-    from aov_dist.model.presets import build_config, preset_dims, tiny_processor
+    from aov_dist.model.flops import batch_shape
+    from aov_dist.model.presets import preset_dims
 
-    processor = tiny_processor(preset_dims(opts["preset"]))
+    processor = gpu_mfu.benchmark_processor(opts["preset"])
     vocab = preset_dims(opts["preset"])["vocab_size"] or len(processor.tokenizer)
-    _, shape = gpu_mfu.make_batch(processor, vocab, 1, opts["text_len"])
-    with torch.device("meta"):
-        fm = gpu_mfu.flop_model(AnomalyOVForConditionalGeneration(build_config(opts["preset"], {"vocab_size": vocab})))
-    opts = {**opts, "seq_len": shape.seq_len}
-    step_flops = gpu_mfu.train_flops_per_sample(fm, shape)["total"] * opts["global_batch"]
+    micro_batch = gpu_mfu.make_batch(processor, vocab, opts["micro"], opts["text_len"])  # the loader's shape
+    seq_len = batch_shape(micro_batch).sample_lengths[0]
+    # what the loop's ledger must have counted: every micro-batch of every rank (aov_dist/model/flops.py)
+    config = gpu_mfu.benchmark_config(opts["preset"], vocab, processor.adverb_token_ids)
+    step_flops = gpu_mfu.step_model_flops(config, [micro_batch]) * opts["world"] * opts["accum"]
     peak = raw["peak_tflops"] * 1e12
-    runs = {attn: _speed(run, opts, step_flops, peak) for attn, run in raw["runs"].items()}
+    runs = {attn: _speed(run, opts, peak) for attn, run in raw["runs"].items()}
+    packing = raw["packing"]
     c = opts["checkpoint_at"]
     uninterrupted, resumed = raw["runs"]["sdpa"]["losses"][c], raw["resumed"]["losses"][c]
     resume = {"checkpoint_step": c, "next_step": c + 1, "loss_uninterrupted": uninterrupted, "loss_resumed": resumed,
@@ -202,6 +306,8 @@ def summarize(raw: dict, opts: dict) -> dict[str, Any]:
         # bf16 kernels may reduce in another order after a reload; fp32 on CPU is exact
         "resume_equals_uninterrupted": resume["rel_diff"] <= (1e-3 if opts["gpu"] else 1e-6),
         "eval_generates_text": len(raw["eval"]["replies"]) == 2 and all(isinstance(r, str) for r in raw["eval"]["replies"]),
+        "loop_flops_equal_flops_py": all(r["model_flops_per_step"] == step_flops for r in runs.values()),
+        "packed_loss_equals_padded": packing["loss_rel_diff"] <= packing["loss_rel_tol"],
     }
     fa2 = None
     if "flash_attention_2" in runs:
@@ -220,12 +326,13 @@ def summarize(raw: dict, opts: dict) -> dict[str, Any]:
         "preset": opts["preset"], "precision": "bf16" if opts["gpu"] else "fp32", "zero_stage": 3,
         "optimizer": raw["runs"]["sdpa"]["optimizer"], "grad_ckpt": opts["grad_ckpt"],
         "sample": {"image": "768x768 (2x2 AnyRes grid, 5 views)", "text_tokens": opts["text_len"],
-                   "seq_len": shape.seq_len, "micro_batch": opts["micro"], "accum": opts["accum"],
+                   "seq_len": seq_len, "micro_batch": opts["micro"], "accum": opts["accum"],
                    "global_batch": opts["global_batch"]},
-        "flops_per_step": step_flops, "peak_tflops_measured": raw["peak_tflops"],
+        "flops_per_step": step_flops, "flops_rule": "aov_dist/model/flops.py training_flops, stage2",
+        "peak_tflops_measured": raw["peak_tflops"],
         "runs": runs,
         "flash_attention_2": fa2 or ("skipped: flash_attn not importable" if opts["gpu"] else "skipped: CPU"),
-        "resume": resume, "eval": raw["eval"],
+        "resume": resume, "eval": raw["eval"], "packing": packing,
     }
 
 

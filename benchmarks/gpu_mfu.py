@@ -2,7 +2,8 @@
 
 Runs on one CUDA device with only torch, transformers and Pillow installed (numpy, tokenizers and
 huggingface_hub come with transformers; Pillow does not, and aov_dist.model's processor and the
-PIL image processor import it): it imports `aov_dist.model` from this checkout, nothing else.
+PIL image processor import it): it imports `aov_dist.model` from this checkout (and
+`aov_dist.train.synthetic`, which imports only that), nothing else.
     pip install torch==2.13.0 transformers==5.24.0 pillow==13.0.0   # flash-attn optional
 
 What a step is: the preset (default ``aov_0.5b``) built with random init directly on the device
@@ -15,20 +16,15 @@ so the LM head costs what it costs in the real model). Parameters are held in ``
 AdamW keeps its state in that dtype too (no fp32 master copy as DeepSpeed bf16 keeps, so peak
 memory is lower than a DeepSpeed run; the FLOPs are the same).
 
-Model FLOPs per sample (stated again in the output; recomputation from --grad-ckpt is not counted,
-as is the MFU convention):
-
-    6 * N_llm * S                  LLM matmul weights (decoder linears + LM head), fwd 2N + bwd 4N per token
-  + 12 * L * H * S^2               LLM attention, fwd + bwd, full S^2 (PaLM / nanoGPT convention, no causal halving)
-  + 6 * N_proj * P                 projector over its P tokens (visual + anomaly tokens), trainable
-  + 2 * N_vis * V * T              vision tower forward (linears + patch conv), frozen, V views of T tokens
-  + 4 * L_v * D_v * T^2 * V        vision attention forward
-  + 2 * N_exp * V * T              expert forward: its per-token linears (4 level adaptors + key projection)
-
-with S = LLM sequence length (text + image tokens), L, H = LLM layers and attention width
-(heads x head_dim), L_v, D_v the same for SigLIP. Frozen parts count forward only (no gradients are
-formed for them). The projector's first layer skips its input gradient (6N overcounts by < 0.1 %);
-the expert's per-view matmuls beyond its per-token linears are left out (< 0.01 %).
+Model FLOPs per step: ``aov_dist.model.flops.training_flops(model.config, batch_shape(batch),
+"stage2")`` summed over the step's micro-batches (here one, of ``--batch-size`` samples): the rule
+the training loop's goodput ledger uses for its ``mfu`` metric, tested exactly against torch's
+FlopCounterMode. aov_dist/model/flops.py's docstring says what it counts (the matmuls of the
+forward and of the gradients each part needs: frozen tower and expert forward only, the LM head on
+label positions only, attention per sample; no padding, no recomputation from --grad-ckpt).
+The output breaks the step's count down per component (flops_breakdown). ``--check-flops`` also
+counts one step with FlopCounterMode, with SDPA's math kernel (fused kernels add a backward
+recomputation that model FLOPs exclude; FlashAttention-2's kernels are invisible to the counter).
 
 MFU = (model FLOPs per step / step time) / peak, where the peak is MEASURED: the best of several
 timed ``--matmul-size``^3 matmuls in ``--dtype`` on the device (or ``--peak-tflops`` if given).
@@ -41,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import json
 import math
 import resource
@@ -56,83 +53,43 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from aov_dist.model.anomaly_ov import AnomalyOVForConditionalGeneration  # noqa: E402
-from aov_dist.model.layout import num_views  # noqa: E402
+from aov_dist.model.flops import BatchShape, Cost, batch_shape, flops_breakdown, training_flops  # noqa: E402
 from aov_dist.model.presets import build_config, preset_dims, resolve_dtype, tiny_processor  # noqa: E402
 from aov_dist.model.processor import AnomalyOVProcessor  # noqa: E402
 from aov_dist.train.synthetic import GRID, synthetic_sample  # noqa: E402  (GRID: every benchmark image's crops)
 TABLE_COLUMNS = ("attn", "tokens/s", "samples/s", "step_ms", "TFLOP/s", "peak_TFLOP/s", "MFU_%", "peak_mem_GiB")
-FLOP_FORMULA = (
-    "FLOPs/sample = 6*N_llm*S + 12*L*H*S^2 + 6*N_proj*P + 2*N_vis*V*T + 4*L_v*D_v*T^2*V + 2*N_exp*V*T"
-)
+STAGE = "stage2"
 
 
 # ------------------------------------------------------------------------------------------ FLOPs
-@dataclass(frozen=True)
-class FlopModel:
-    """Model sizes the FLOP formula needs (matmul weights only: embeddings and norms do no matmuls)."""
-
-    llm_matmul_params: int  # N_llm: decoder-layer linear weights + LM head (vocab x hidden, tied or not)
-    llm_layers: int  # L
-    llm_attn_width: int  # H = heads x head_dim
-    projector_params: int  # N_proj
-    vision_matmul_params: int  # N_vis: tower linears + patch-embedding conv
-    vision_layers: int  # L_v
-    vision_attn_width: int  # D_v
-    expert_token_params: int  # N_exp: expert linears applied to every token of a view
+def _shape(config, batch: dict[str, torch.Tensor]) -> BatchShape:
+    return batch_shape(batch, config.vision_dummy_for_text_only)
 
 
-@dataclass(frozen=True)
-class SampleShape:
-    seq_len: int  # S: LLM tokens of one sample (text + visual + inserted text + anomaly tokens)
-    views: int  # V: SigLIP views of the sample (base + crops)
-    view_tokens: int  # T: patch tokens per view (729 at 384 px / patch 14)
-    projected_tokens: int  # P: tokens through the projector (V*T visual + anomaly tokens)
+def step_model_flops(config, micro_batches: list[dict[str, torch.Tensor]]) -> int:
+    """Model FLOPs of one optimizer step: aov_dist.model.flops.training_flops of each micro-batch."""
+    return sum(training_flops(config, _shape(config, b), STAGE) for b in micro_batches)
 
 
-def train_flops_per_sample(fm: FlopModel, shape: SampleShape) -> dict[str, int]:
-    """The terms of the module docstring's formula (integers, FLOPs) and their "total"."""
-    s, v, t = shape.seq_len, shape.views, shape.view_tokens
-    terms = {
-        "llm_matmul": 6 * fm.llm_matmul_params * s,
-        "llm_attention": 12 * fm.llm_layers * fm.llm_attn_width * s * s,
-        "projector": 6 * fm.projector_params * shape.projected_tokens,
-        "vision_matmul": 2 * fm.vision_matmul_params * v * t,
-        "vision_attention": 4 * fm.vision_layers * fm.vision_attn_width * t * t * v,
-        "expert": 2 * fm.expert_token_params * v * t,
-    }
-    terms["total"] = sum(terms.values())
-    return terms
-
-
-def _matmul_weights(module: nn.Module) -> int:
-    return sum(m.weight.numel() for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
-
-
-def flop_model(model: AnomalyOVForConditionalGeneration) -> FlopModel:
-    cfg = model.config
-    text, vision = cfg.text_config, cfg.vision_config
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    expert = model.expert
-    return FlopModel(
-        llm_matmul_params=_matmul_weights(model.model.language_model) + model.lm_head.weight.numel(),
-        llm_layers=text.num_hidden_layers,
-        llm_attn_width=text.num_attention_heads * head_dim,
-        projector_params=_matmul_weights(model.model.multi_modal_projector),
-        vision_matmul_params=_matmul_weights(model.model.vision_tower),
-        vision_layers=vision.num_hidden_layers,
-        vision_attn_width=vision.hidden_size,
-        expert_token_params=_matmul_weights(expert.siglip_adaptors) + expert.q_former.key_proj.weight.numel(),
-    )
+def step_flops_breakdown(config, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, Cost]:
+    """The same count per component (vision_tower, expert, projector, llm, lm_head): forward, backward."""
+    total: dict[str, Cost] = {}
+    for b in micro_batches:
+        for name, c in flops_breakdown(config, _shape(config, b), STAGE).items():
+            prev = total.get(name, Cost(0, 0))
+            total[name] = Cost(prev.forward + c.forward, prev.backward + c.backward)
+    return total
 
 
 def count_step_flops(model: nn.Module, batch: dict[str, torch.Tensor]) -> int:
-    """FLOPs of one forward + backward as torch's FlopCounterMode counts them (matmuls, convs and
-    SDPA kernels it knows; flash-attn's own kernels and CPU fused SDPA are invisible to it: use
-    attn 'eager' for a full count). A cross-check of the formula, not used for MFU."""
+    """FLOPs of one forward + backward as torch's FlopCounterMode counts them, with SDPA's math
+    kernel (attention as matmuls, what flops.py counts). Equal to step_model_flops for sdpa and
+    eager; flash-attn's own kernels are invisible to the counter. A cross-check, not used for MFU."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    with counter:
+    with sdpa_kernel(SDPBackend.MATH), counter:
         model(**batch).loss.backward()
     model.zero_grad(set_to_none=True)
     return int(counter.get_total_flops())
@@ -146,30 +103,29 @@ def benchmark_processor(preset: str) -> AnomalyOVProcessor:
 
 def make_batch(
     processor: AnomalyOVProcessor, vocab_size: int, batch_size: int, text_len: int, seed: int = 0
-) -> tuple[dict[str, torch.Tensor], SampleShape]:
+) -> dict[str, torch.Tensor]:
     """`batch_size` samples of one 2x2-grid image and exactly `text_len` text tokens each
     (aov_dist.train.synthetic: a detection exchange in the real token layout, lengthened with random
-    ids over the model vocabulary as training targets), and the sample's shape for the formula."""
+    ids over the model vocabulary as training targets), collated (all the same length: no padding)."""
     try:
         sample = synthetic_sample(processor, vocab_size, text_len, seed=seed, grid=GRID)
     except ValueError as exc:  # too short for the chat layout: say it in the CLI's words
         raise ValueError(str(exc).replace(f"text_len {text_len}", f"--seq-len {text_len}")) from None
-    batch = processor.collate([sample] * batch_size)
-    views = num_views(GRID)
-    anomaly = int((sample["token_type"] == 3).sum())
-    grid = processor.layout.grid
-    shape = SampleShape(seq_len=len(sample["input_ids"]), views=views, view_tokens=grid * grid,
-                        projected_tokens=views * grid * grid + anomaly)
-    return batch, shape
+    return processor.collate([sample] * batch_size)
 
 
 # -------------------------------------------------------------------------------------- the model
+def benchmark_config(preset: str, vocab_size: int, adverb_ids: list[int]):
+    """The model config of the benchmark model (what its FLOPs are counted from)."""
+    return build_config(preset, {"vocab_size": vocab_size}, adverb_token_ids=adverb_ids)
+
+
 def build_benchmark_model(
     preset: str, vocab_size: int, adverb_ids: list[int], attn: str, device: torch.device, dtype: torch.dtype,
     seed: int = 0, grad_ckpt: bool = False,
 ) -> AnomalyOVForConditionalGeneration:
     """Random init, constructed on `device` (no host copy of the weights)."""
-    config = build_config(preset, {"vocab_size": vocab_size}, adverb_token_ids=adverb_ids)
+    config = benchmark_config(preset, vocab_size, adverb_ids)
     torch.manual_seed(seed)
     with torch.device(device):
         model = AnomalyOVForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation=attn)
@@ -218,6 +174,7 @@ class BenchResult:
     mfu_pct: float
     peak_mem_gib: float
     final_loss: float
+    model_flops_per_step: int  # aov_dist.model.flops.training_flops of the step's micro-batch(es)
     counted_flops_per_step: int | None = None  # FlopCounterMode cross-check (--check-flops)
 
     def row(self) -> tuple[str, ...]:
@@ -226,9 +183,19 @@ class BenchResult:
                 f"{self.peak_mem_gib:.2f}")
 
 
+def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    loss = model(**batch).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
 def run_one(args: argparse.Namespace, attn: str, processor: AnomalyOVProcessor, vocab_size: int,
-            batch: dict[str, torch.Tensor], step_flops: int, peak: float, device: torch.device,
-            dtype: torch.dtype) -> BenchResult:
+            batch: dict[str, torch.Tensor], step_flops: int, step_tokens: int, peak: float,
+            device: torch.device, dtype: torch.dtype) -> BenchResult:
+    """Time ``args.steps`` optimizer steps on ``batch``; ``step_flops`` and ``step_tokens`` (real
+    tokens) are the step's model FLOPs and tokens, counted on the host batch beforehand."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -238,20 +205,12 @@ def run_one(args: argparse.Namespace, attn: str, processor: AnomalyOVProcessor, 
     optimizer = torch.optim.AdamW([{"params": params} for params in groups.values()], lr=1e-5,
                                   fused=device.type == "cuda")
     counted = count_step_flops(model, batch) if args.check_flops else None
-
-    def step() -> torch.Tensor:
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
-
     for _ in range(args.warmup):
-        step()
+        _train_step(model, optimizer, batch)
     _sync(device)
     start = time.perf_counter()
     for _ in range(args.steps):
-        loss = step()
+        loss = _train_step(model, optimizer, batch)
     _sync(device)
     elapsed = time.perf_counter() - start
     final_loss = float(loss)
@@ -260,13 +219,13 @@ def run_one(args: argparse.Namespace, attn: str, processor: AnomalyOVProcessor, 
     peak_mem = _peak_memory_gib(device)
     del model, optimizer, groups
     gc.collect()
-    seq = batch["input_ids"].shape[1]
     per_step = elapsed / args.steps
     achieved = step_flops / per_step
     return BenchResult(
-        attn=attn, tokens_per_s=args.batch_size * seq / per_step, samples_per_s=args.batch_size / per_step,
+        attn=attn, tokens_per_s=step_tokens / per_step, samples_per_s=args.batch_size / per_step,
         step_ms=per_step * 1e3, achieved_tflops=achieved / 1e12, peak_tflops=peak / 1e12,
-        mfu_pct=100 * achieved / peak, peak_mem_gib=peak_mem, final_loss=final_loss, counted_flops_per_step=counted,
+        mfu_pct=100 * achieved / peak, peak_mem_gib=peak_mem, final_loss=final_loss,
+        model_flops_per_step=step_flops, counted_flops_per_step=counted,
     )
 
 
@@ -289,7 +248,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=None, help="use this peak instead of measuring one")
     p.add_argument("--grad-ckpt", action="store_true",
                    help="activation checkpointing (recompute is not in model FLOPs)")
-    p.add_argument("--check-flops", action="store_true", help="also count one step's FLOPs with FlopCounterMode")
+    p.add_argument("--check-flops", action="store_true",
+                   help="also count one step's FLOPs with FlopCounterMode (SDPA math kernel): equal to the "
+                        "reported model FLOPs for sdpa and eager")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = p.parse_args(argv)
@@ -315,7 +276,7 @@ def attn_rows(requested: str, device: torch.device) -> tuple[list[str], str | No
     if device.type != "cuda":
         return ["sdpa"], "flash-attn needs CUDA: SDPA row only"
     try:
-        import flash_attn  # noqa: F401
+        importlib.import_module("flash_attn")
     except Exception as exc:  # not installed, or built against another torch/CUDA
         return ["sdpa"], f"flash_attn not importable ({type(exc).__name__}: {exc}): SDPA row only"
     return ["flash_attention_2", "sdpa"], None
@@ -341,27 +302,29 @@ def main(argv: list[str] | None = None) -> list[BenchResult]:
     dims = preset_dims(args.preset)
     vocab_size = dims["vocab_size"] or len(processor.tokenizer)
     try:
-        batch, shape = make_batch(processor, vocab_size, args.batch_size, args.seq_len, seed=args.seed)
+        host_batch = make_batch(processor, vocab_size, args.batch_size, args.seq_len, seed=args.seed)
     except ValueError as exc:
         raise SystemExit(str(exc)) from None
-    batch = {k: v.to(device) for k, v in batch.items()}
+    # Model FLOPs and real tokens of a step, on the host batch (aov_dist/model/flops.py)
+    config = benchmark_config(args.preset, vocab_size, processor.adverb_token_ids)
+    shape = _shape(config, host_batch)
+    step_flops = step_model_flops(config, [host_batch])
+    breakdown = step_flops_breakdown(config, [host_batch])
+    step_tokens = sum(shape.sample_lengths)
+    batch = {k: v.to(device) for k, v in host_batch.items()}
     batch["pixel_values"] = batch["pixel_values"].to(dtype)
-    with torch.device("meta"):  # sizes for the formula without building the weights twice
-        fm = flop_model(AnomalyOVForConditionalGeneration(build_config(args.preset, {"vocab_size": vocab_size})))
-    terms = train_flops_per_sample(fm, shape)
-    step_flops = terms["total"] * args.batch_size
     peak = args.peak_tflops * 1e12 if args.peak_tflops else matmul_peak_flops(device, dtype, args.matmul_size)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device: {name} | torch {torch.__version__} | preset {args.preset} | {args.dtype} | "
           f"batch {args.batch_size} | steps {args.steps} (+{args.warmup} warm-up) | grad_ckpt {args.grad_ckpt}")
-    print(f"sample: 1 image at a {GRID[0]}x{GRID[1]} AnyRes grid ({shape.views} views x {shape.view_tokens} tokens), "
-          f"{args.seq_len} text tokens, LLM sequence S = {shape.seq_len}, "
-          f"projector tokens P = {shape.projected_tokens}")
-    print(f"sizes: {json.dumps(asdict(fm))}")
-    print(FLOP_FORMULA)
-    print("  (fwd+bwd 6N for trainable weights, fwd-only 2N for the frozen tower and expert; attention: full S^2)")
-    print("FLOPs/sample by term: " + ", ".join(f"{k} {v:.4g}" for k, v in terms.items()))
+    print(f"sample: 1 image at a {GRID[0]}x{GRID[1]} AnyRes grid ({shape.views // args.batch_size} SigLIP views), "
+          f"{args.seq_len} text tokens, LLM sequence {shape.sample_lengths[0]} tokens, "
+          f"{shape.label_positions // args.batch_size} label positions")
+    print(f"model FLOPs/step: {step_flops:.4g} = aov_dist.model.flops.training_flops(config, batch_shape(batch), "
+          f"'{STAGE}') (see aov_dist/model/flops.py)")
+    print("  by component, forward + backward: " + ", ".join(
+        f"{k} {c.forward:.4g} + {c.backward:.4g}" for k, c in breakdown.items()))
     peak_how = "given by --peak-tflops" if args.peak_tflops else \
         f"measured: best {args.matmul_size}^3 {args.dtype} matmul"
     print(f"peak: {peak / 1e12:.4g} TFLOP/s ({peak_how})")
@@ -372,16 +335,17 @@ def main(argv: list[str] | None = None) -> list[BenchResult]:
 
     results = []
     for attn in attns:
-        result = run_one(args, attn, processor, vocab_size, batch, step_flops, peak, device, dtype)
+        result = run_one(args, attn, processor, vocab_size, batch, step_flops, step_tokens, peak, device, dtype)
         results.append(result)
         counted = "" if result.counted_flops_per_step is None else \
-            f", FlopCounterMode {result.counted_flops_per_step:.4g} vs formula {step_flops:.4g} FLOPs/step" + \
-            (" (flash-attn kernels not counted)" if attn == "flash_attention_2" else "")
+            f", FlopCounterMode (SDPA math kernel) {result.counted_flops_per_step:.4g} vs flops.py " \
+            f"{step_flops:.4g} FLOPs/step" + (" (flash-attn kernels not counted)" if attn == "flash_attention_2" else "")
         print(f"{attn}: final loss {result.final_loss:.4f}{counted}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "sizes": asdict(fm), "shape": asdict(shape),
-                                               "flops_per_sample": terms, "results": [asdict(r) for r in results]},
-                                              indent=2))
+        Path(args.json).write_text(json.dumps({
+            "args": vars(args), "batch_shape": asdict(shape), "model_flops_per_step": step_flops,
+            "flops_breakdown": {k: c._asdict() for k, c in breakdown.items()},
+            "results": [asdict(r) for r in results]}, indent=2))
     print()
     print(format_table(results))
     return results

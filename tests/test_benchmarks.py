@@ -116,3 +116,45 @@ def test_bench_checkpoint_toy(synthetic_shards):
         # (the figures are printed to 3 significant digits)
         assert _positive(r["step folder MB"]) >= (float(r["ds/ MB"]) + float(r["hf/ MB"])) * 0.99
     assert rows[0]["step folder MB"] == rows[1]["step folder MB"]  # the same files, wherever they are stored
+
+
+def test_bench_loss_memory_quick():
+    # ~20 s: four fresh processes run the loss for real at toy row sizes, the aov_0.5b vocabulary
+    from aov_dist.model.presets import preset_dims
+
+    vocab = preset_dims("aov_0.5b")["vocab_size"]
+    rows = _run_script("bench_loss_memory.py", "--quick", timeout=600)
+    assert [(r["method"], r["tokens"]) for r in rows] == [("full logits", "256"), ("label positions only", "256"),
+                                                          ("full logits", "512"), ("label positions only", "512")]
+    by = {(r["method"], int(r["tokens"])): r for r in rows}
+    for tokens in (256, 512):
+        full, labels = by[("full logits", tokens)], by[("label positions only", tokens)]
+        full_mib, labels_mib = _positive(full["tracked peak MiB"]), _positive(labels["tracked peak MiB"])
+        # the full way holds at least the float32 logits of every position; the other one far less
+        assert full_mib * 2**20 >= tokens * vocab * 4 * 0.999, (full_mib, tokens)  # (MiB rounded to integers)
+        assert labels_mib < full_mib
+        # both ways give the same loss, run for real on the same inputs (printed to 9 significant digits)
+        assert float(labels["loss (real)"]) == pytest.approx(_positive(full["loss (real)"]), rel=1e-5)
+        for r in (full, labels):
+            _positive(r["real peak MiB"])
+
+
+def test_bench_packing_quick():
+    rows = _run_script("bench_packing.py", "--quick", timeout=600)
+    assert [(r["layout"], r["image share"]) for r in rows] == [
+        ("padded", "0.5"), ("packed", "0.5"), ("padded / packed", "0.5"),
+        ("padded", "0"), ("packed", "0"), ("padded / packed", "0")]
+    for padded, packed in ((rows[0], rows[1]), (rows[3], rows[4])):
+        # the same samples trained both ways, with less padding packed
+        assert padded["real tokens"] == packed["real tokens"] and padded["micro-batches"] == packed["micro-batches"]
+        assert float(packed["padding fraction"]) < _positive(padded["padding fraction"])
+        _positive(padded["CPU s per 1,000 real tokens"]), _positive(packed["CPU s per 1,000 real tokens"])
+
+
+def test_packing_padding_on_anyres_token_counts():
+    from bench_packing import anyres_lengths, padding_table
+
+    lengths = anyres_lengths(64, 0, 500, 1600, multi_share=0.1, text_share=0.05)
+    assert 4000 < sorted(lengths)[32] < 9000  # AnyRes: one image at 500-1600 px is thousands of tokens
+    for micro, _, padded, rows, one_row in padding_table(lengths, [2, 8], 32768):
+        assert padded > 0.1 and rows <= 0.03 and one_row == 0.0, (micro, padded, rows)

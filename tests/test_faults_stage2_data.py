@@ -87,13 +87,15 @@ def _text_only_beside_images(cfg) -> int:
     return sum(1 for a, b in zip(*per_rank) if min(a, b) == 0 < max(a, b))
 
 
-def test_stage2_too_long_and_text_only_samples_train_without_hanging(tmp_path, synthetic_shards):
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_stage2_too_long_and_text_only_samples_train_without_hanging(tmp_path, synthetic_shards, packing):
+    """Packed too: a sample too long for a row is counted, never split across rows."""
     from mlflow.tracking import MlflowClient
 
     from aov_dist.tracking.mlflow_tracker import create_run
 
     manifest, too_long = stage2_shards(synthetic_shards.manifest_path, tmp_path / "s2")
-    cfg = typed_cfg(_stage2(manifest, tmp_path, "s2skip"))
+    cfg = typed_cfg(_stage2(manifest, tmp_path, "s2skip", extra=[f"data.packing={packing}"]))
     assert _text_only_beside_images(cfg) >= 1  # the premise: a text-only micro-batch on one rank only
     run_id = create_run(cfg.tracking, "s2skip", {}, "")
     # no hang (deadline), no crash (a rank's exception would be raised here)

@@ -1,6 +1,7 @@
-"""benchmarks/gpu_mfu.py: the toy (CPU) run, the FLOP formula, and a GPU run where CUDA exists."""
+"""benchmarks/gpu_mfu.py: the toy (CPU) run, its model FLOPs (aov_dist.model.flops), and a GPU run where CUDA exists."""
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -14,7 +15,9 @@ SCRIPT = ROOT / "benchmarks" / "gpu_mfu.py"
 sys.path.insert(0, str(SCRIPT.parent))
 
 import gpu_mfu  # noqa: E402
-from gpu_mfu import FlopModel, SampleShape, train_flops_per_sample  # noqa: E402
+
+from aov_dist.model.flops import batch_shape, training_flops  # noqa: E402
+from aov_dist.model.presets import build_config  # noqa: E402
 
 # What a bare GPU machine lacks: the benchmark must run without any of them.
 HEAVY_MODULES = ("deepspeed", "ray", "mlflow", "webdataset", "hydra", "omegaconf", "accelerate", "boto3", "s3fs",
@@ -40,7 +43,7 @@ def test_toy_main_prints_the_table_last_with_finite_positive_numbers(capsys):
     assert tuple(header) == gpu_mfu.TABLE_COLUMNS
     assert [r[0] for r in rows] == ["sdpa"]  # CPU: flash-attn left out, with a note
     assert "note: flash-attn needs CUDA: SDPA row only" in out
-    assert gpu_mfu.FLOP_FORMULA in out
+    assert "aov_dist.model.flops.training_flops" in out  # where the count comes from, no formula of its own
     for cell in rows[0][1:]:
         value = float(cell)
         assert math.isfinite(value) and value > 0, (header, rows[0])
@@ -49,58 +52,52 @@ def test_toy_main_prints_the_table_last_with_finite_positive_numbers(capsys):
     assert rows[0] == list(res.row())
     assert res.tokens_per_s == pytest.approx(res.samples_per_s * 426, rel=1e-9)  # toy S = 426
     assert res.mfu_pct == pytest.approx(100 * res.achieved_tflops / res.peak_tflops, rel=1e-9)
+    assert res.achieved_tflops * 1e12 * res.step_ms / 1e3 == pytest.approx(res.model_flops_per_step, rel=1e-9)
     assert res.samples_per_s == pytest.approx(1000 / res.step_ms, rel=1e-9)  # batch 1
 
 
-def test_flop_formula_on_a_hand_computed_case():
-    fm = FlopModel(llm_matmul_params=100, llm_layers=2, llm_attn_width=8, projector_params=10,
-                   vision_matmul_params=20, vision_layers=1, vision_attn_width=4, expert_token_params=5)
-    shape = SampleShape(seq_len=16, views=2, view_tokens=9, projected_tokens=20)
-    assert train_flops_per_sample(fm, shape) == {
-        "llm_matmul": 6 * 100 * 16,  # 9600
-        "llm_attention": 12 * 2 * 8 * 16 * 16,  # 49152
-        "projector": 6 * 10 * 20,  # 1200
-        "vision_matmul": 2 * 20 * 2 * 9,  # 720
-        "vision_attention": 4 * 1 * 4 * 9 * 9 * 2,  # 2592
-        "expert": 2 * 5 * 2 * 9,  # 180
-        "total": 63444,
-    }
-
-
-def test_formula_agrees_with_torch_flop_counter_on_the_tiny_model():
-    """Eager attention, so FlopCounterMode sees every matmul of the step (CPU fused SDPA it does not)."""
+def test_reported_flops_are_training_flops_of_the_batch_and_what_the_flop_counter_sees(tmp_path):
+    """What gpu_mfu divides by step time is aov_dist.model.flops.training_flops of its batch, and
+    (--check-flops, SDPA's math kernel) exactly what FlopCounterMode counts for the real step."""
+    out = tmp_path / "mfu.json"
+    (res,) = gpu_mfu.main(["--toy", "--batch-size", "2", "--steps", "1", "--warmup", "0", "--check-flops",
+                           "--json", str(out)])
     processor = gpu_mfu.benchmark_processor("tiny")
     vocab = len(processor.tokenizer)
-    batch, shape = gpu_mfu.make_batch(processor, vocab, batch_size=2, text_len=64)
-    model = gpu_mfu.build_benchmark_model("tiny", vocab, processor.adverb_token_ids, "eager",
-                                          torch.device("cpu"), torch.float32)
-    model.stage_parameter_groups("stage2")
-    counted = gpu_mfu.count_step_flops(model, batch)
-    formula = 2 * train_flops_per_sample(gpu_mfu.flop_model(model), shape)["total"]
-    # The formula slightly overcounts (projector's first-layer input gradient, ~0.3 % here) and
-    # leaves out the expert's small per-view matmuls: within 1 %.
-    assert formula == pytest.approx(counted, rel=0.01)
+    batch = gpu_mfu.make_batch(processor, vocab, batch_size=2, text_len=64)
+    config = build_config("tiny", {"vocab_size": vocab}, adverb_token_ids=processor.adverb_token_ids)
+    expected = training_flops(config, batch_shape(batch), "stage2")
+    assert res.model_flops_per_step == expected
+    assert res.counted_flops_per_step == expected
+    saved = json.loads(out.read_text())
+    assert saved["model_flops_per_step"] == expected
+    assert sum(c["forward"] + c["backward"] for c in saved["flops_breakdown"].values()) == expected
+    assert saved["batch_shape"]["sample_lengths"] == [426, 426] and saved["results"][0]["model_flops_per_step"] == expected
 
 
-def test_0_5b_sizes_and_sequence_layout_by_hand():
+def test_step_flops_sum_over_micro_batches():
+    processor = gpu_mfu.benchmark_processor("tiny")
+    vocab = len(processor.tokenizer)
+    config = gpu_mfu.benchmark_config("tiny", vocab, processor.adverb_token_ids)
+    a = gpu_mfu.make_batch(processor, vocab, batch_size=1, text_len=64)
+    b = gpu_mfu.make_batch(processor, vocab, batch_size=2, text_len=96, seed=1)
+    assert gpu_mfu.step_model_flops(config, [a, b]) == \
+        training_flops(config, batch_shape(a), "stage2") + training_flops(config, batch_shape(b), "stage2")
+    breakdown = gpu_mfu.step_flops_breakdown(config, [a, b])
+    assert list(breakdown) == ["vision_tower", "expert", "projector", "llm", "lm_head"]
+    assert sum(c.total for c in breakdown.values()) == gpu_mfu.step_model_flops(config, [a, b])
+    assert breakdown["vision_tower"].backward == 0 and breakdown["expert"].backward == 0  # frozen in stage 2
+
+
+def test_0_5b_sequence_layout_by_hand():
     processor = gpu_mfu.benchmark_processor("aov_0.5b")
-    batch, shape = gpu_mfu.make_batch(processor, 152000, batch_size=2, text_len=384)
+    batch = gpu_mfu.make_batch(processor, 152000, batch_size=2, text_len=384)
     # 2x2 grid at 384 px / patch 14: base 729 + crops 54x54 + 54 newlines = 3699 visual tokens;
     # anomaly tokens 1 + 4 + 4 * (4 + 1) = 25; one adverb slot; the rest is the 384 text tokens.
-    assert shape == SampleShape(seq_len=384 + 3699 + 1 + 25, views=5, view_tokens=729, projected_tokens=5 * 729 + 25)
-    assert batch["input_ids"].shape == (2, 4109) and batch["pixel_values"].shape == (10, 3, 384, 384)
-    assert int((batch["labels"] != -100).sum()) > 2 * 300  # the lengthened text is trained on
-    with torch.device("meta"):
-        from aov_dist.model.presets import build_config
-
-        fm = gpu_mfu.flop_model(gpu_mfu.AnomalyOVForConditionalGeneration(build_config("aov_0.5b")))
-    per_layer = 2 * 896 * 896 + 2 * 896 * 128 + 3 * 896 * 4864  # q, o; k, v (2 kv heads x 64); gate, up, down
-    assert fm.llm_matmul_params == 24 * per_layer + 152000 * 896  # + the (tied) LM head
-    assert fm.projector_params == 1152 * 896 + 896 * 896
-    siglip_layer = 4 * 1152 * 1152 + 2 * 1152 * 4304
-    assert fm.vision_matmul_params == 26 * siglip_layer + 3 * 14 * 14 * 1152  # + patch conv
-    assert fm.expert_token_params == 5 * 1152 * 512
-    assert (fm.llm_layers, fm.llm_attn_width, fm.vision_layers, fm.vision_attn_width) == (24, 896, 26, 1152)
+    assert batch["input_ids"].shape == (2, 384 + 3699 + 1 + 25) and batch["pixel_values"].shape == (10, 3, 384, 384)
+    shape = batch_shape(batch)
+    assert shape.sample_lengths == (4109, 4109) and (shape.views, shape.images) == (10, 2)
+    assert shape.label_positions > 2 * 300  # the lengthened text is trained on
 
 
 def test_too_short_seq_len_is_a_clear_error():

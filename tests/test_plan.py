@@ -45,8 +45,10 @@ def test_count_tokens_equals_encoded_length_for_text_only(official_proc):
 @pytest.mark.parametrize("size", [(384, 384), (480, 640), (640, 480), (1000, 1500), (300, 2000), (2000, 300), (50, 900)])
 def test_count_tokens_equals_encoded_length_for_single_images(official_proc, size):
     conv = _conv(1)
-    expected = len(official_proc.encode_conversation([image(*size)], conv, HUGE)["input_ids"])
-    assert official_proc.count_tokens([size], conv) == expected
+    encoded = official_proc.encode_conversation([image(*size)], conv, HUGE)
+    assert official_proc.count_tokens([size], conv) == len(encoded["input_ids"])
+    labelled = int((encoded["labels"] != -100).sum())
+    assert official_proc.count_tokens_and_labels([size], conv) == (len(encoded["input_ids"]), labelled) and labelled > 0
 
 
 @pytest.mark.parametrize("sizes", [[(64, 64), (90, 140)], [(300, 200), (200, 300), (384, 384), (1000, 700)]])
@@ -154,11 +156,17 @@ def test_memory_zero3_bf16_every_term_by_hand():
     # S = 2 x 100 tokens; per token per layer 2*(7*1000 + 2*200 + 4*3000) = 38800 bytes
     assert mem.activation_bytes_per_token_layer(DIMS, 2) == 38800
     assert t["LLM activations"] == 200 * 10 * 38800
-    assert t["LM head logits + loss"] == 200 * 1000 * 10
+    assert t["LM head logits + loss"] == 200 * 1000 * 12
     # 6 views x 10 tokens x 2 bytes x max(10 hidden states x 100, projector 100 + 2 x 1000)
     assert t["vision activations"] == 6 * 10 * 2 * 2100
     assert t["fixed overhead (CUDA/NCCL, runtime)"] == OVERHEAD
     assert mem.estimate(DIMS, JOB).total == pytest.approx(sum(t.values()))
+
+
+def test_memory_lm_head_is_sized_at_the_labelled_positions_when_known():
+    # 2 samples x 30 labelled tokens of 100: the head's logits and loss for 60 positions, not 200
+    assert _terms(label_positions_per_sample=30)["LM head logits + loss"] == 60 * 1000 * 12
+    assert _terms(label_positions_per_sample=30)["LLM activations"] == _terms()["LLM activations"]
 
 
 def test_memory_zero2_keeps_full_parameters_and_gathers_nothing():
@@ -173,7 +181,7 @@ def test_memory_fp32_uses_four_bytes_and_no_master_copy():
     assert t["parameters"] == 10**9 * 4 / 8
     assert t["gradients"] == 5 * 10**8 * 4 / 8
     assert t["optimizer states"] == 5 * 10**8 * 8 / 8
-    assert t["LM head logits + loss"] == 200 * 1000 * 8
+    assert t["LM head logits + loss"] == 200 * 1000 * 12
     assert t["LLM activations"] == 200 * 10 * 4 * (7000 + 400 + 12000)
 
 

@@ -45,6 +45,10 @@ class DataConfig:
     # tokens per sample after image expansion (one AnyRes image at 384 px is up to ~9k tokens with
     # the official presets); longer samples are skipped and counted as too_long
     max_length: int = 2048
+    # stage 2: lay each micro-batch's samples end to end in rows of up to max_length tokens
+    # instead of padding every sample to the longest (data/packing.py); the samples of every
+    # micro-batch, and so resume and the loss, stay what they are without packing
+    packing: bool = False
     # skip: skip-and-count bad samples; fail: raise naming shard and key
     on_error: str = "skip"
     # Skipped samples (any reason, all ranks) are judged per window of skip_window samples read:

@@ -41,3 +41,13 @@ class ExpertTransform:
         if raw["label"] is None:
             raise ValueError(f"sample {raw['id']!r} has no label: build the loader with stage='stage1'")
         return self.processor.encode_expert_sample(raw["images"], raw["label"])
+
+
+class PackedCollate:
+    """Stage 2 with ``data.packing``: ``processor.collate_packed`` of a micro-batch's samples."""
+
+    def __init__(self, processor: Any, max_length: int, one_row: bool):
+        self.processor, self.max_length, self.one_row = processor, max_length, one_row
+
+    def __call__(self, samples: list) -> dict:
+        return self.processor.collate_packed(samples, self.max_length, one_row=self.one_row)

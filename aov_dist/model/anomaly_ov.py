@@ -24,6 +24,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
 from .expert import AnomalyExpert, ExpertOutput
 from .hf_config import AnomalyOVConfig
 from .layout import SINGLE_VIEW
+from .loss import label_positions_loss
 
 # token_type values (architecture.md §3).
 TEXT, VISUAL, ADVERB, ANOMALY = 0, 1, 2, 3
@@ -31,8 +32,9 @@ TEXT, VISUAL, ADVERB, ANOMALY = 0, 1, 2, 3
 _PREFILL_ONLY = ("pixel_values", "token_type", "image_grids", "image_sizes", "image_labels")
 # Layout metadata the forward reads on the host (crop grids and image sizes as Python ints): a
 # batch keeps them on the CPU when it moves to an accelerator (aov_dist.devices.move_to_device),
-# because reading them back from a GPU would cost a host sync per image.
-HOST_INPUTS = ("image_grids", "image_sizes")
+# because reading them back from a GPU would cost a host sync per image. A packed batch's
+# sample lengths are only counted on the host; the attention reads position_ids.
+HOST_INPUTS = ("image_grids", "image_sizes", "sample_lengths")
 
 
 # Stock LLaVA-OneVision files use legacy key names (language_model.model.*, vision_tower.*, ...) that
@@ -206,6 +208,7 @@ class AnomalyOVForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
         image_grids: Tensor | None = None,
         image_sizes: Tensor | None = None,
         image_labels: Tensor | None = None,  # stage-1 targets; accepted so model(**batch) works
+        sample_lengths: Tensor | None = None,  # packed batches: tokens per sample, for counting only
         inputs_embeds: Tensor | None = None,
         position_ids: Tensor | None = None,
         cache=None,
@@ -213,6 +216,13 @@ class AnomalyOVForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
         logits_to_keep: int | Tensor = 0,
         **kwargs,
     ) -> AnomalyOVCausalLMOutput:
+        if sample_lengths is not None and position_ids is not None and position_ids.shape[0] > 1 \
+                and self.config._attn_implementation == "flash_attention_2":
+            # transformers' FlashAttention path finds packed samples only in a single row: rows of
+            # several samples would attend across samples without any error
+            raise ValueError(f"packed batch of {position_ids.shape[0]} rows under flash_attention_2: "
+                             "FlashAttention-2 varlen needs the samples in one row (processor.collate_packed "
+                             "with one_row=True)")
         expert_out = None
         if inputs_embeds is None:
             if input_ids is None:
@@ -236,18 +246,31 @@ class AnomalyOVForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
                 inputs_embeds = self.get_input_embeddings()(input_ids)
                 if zero is not None:
                     inputs_embeds = inputs_embeds + zero.to(inputs_embeds.dtype)
+        if labels is not None:
+            return self._training_forward(inputs_embeds, attention_mask, position_ids, labels, expert_out, **kwargs)
         out = super().forward(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
             cache=cache,
-            labels=labels,
             use_cache=use_cache,
             logits_to_keep=logits_to_keep,
             **kwargs,
         )
         return AnomalyOVCausalLMOutput(
             **out,
+            expert_scores=None if expert_out is None else expert_out.scores,
+            expert_logits=None if expert_out is None else expert_out.logits,
+        )
+
+    def _training_forward(self, inputs_embeds: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None,
+                          labels: Tensor, expert_out: ExpertOutput | None, **kwargs) -> AnomalyOVCausalLMOutput:
+        """With labels: the loss from the LM head on labelled positions only (loss.py); no logits
+        are returned (call without labels for them)."""
+        hidden = self.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+                            use_cache=False, **kwargs)[0]
+        return AnomalyOVCausalLMOutput(
+            loss=label_positions_loss(hidden, labels, self.lm_head),
             expert_scores=None if expert_out is None else expert_out.scores,
             expert_logits=None if expert_out is None else expert_out.logits,
         )

@@ -21,9 +21,9 @@ from transformers.models.llava_onevision.image_processing_pil_llava_onevision im
 
 from aov_dist.storage import localize
 from .layout import SINGLE_VIEW, VisionLayout, crop_grid, num_anomaly_tokens, num_views, num_visual_tokens
+from .loss import IGNORE_INDEX
 from .tokenizer import ADVERBS, DEFAULT_SYSTEM_PROMPT, adverb_token_ids
 
-IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"
 SETTINGS_FILE = "aov_processor.json"
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -159,9 +159,15 @@ class AnomalyOVProcessor:
         """Length of ``encode_conversation(images, conversations, max_length=inf)["input_ids"]`` from
         the images' (height, width) alone: no pixel is decoded or resized (a planner reads only the
         image headers). The same layout code as encode_conversation, so the counts cannot drift."""
+        return self.count_tokens_and_labels(image_sizes, conversations)[0]
+
+    def count_tokens_and_labels(self, image_sizes: Sequence[tuple[int, int]],
+                                conversations: Sequence[dict[str, str]]) -> tuple[int, int]:
+        """(tokens, labelled tokens) of a sample, from the images' sizes alone (see count_tokens):
+        the LM head of a training forward runs on the labelled positions only (model/loss.py)."""
         layouts = [(grid, int(h), int(w)) for grid, (h, w) in zip(self.image_grids(image_sizes), image_sizes)]
-        ids, _, _, _ = self._layout_turns(layouts, conversations, None, generation_prompt=False)
-        return len(ids)
+        ids, labels, _, _ = self._layout_turns(layouts, conversations, None, generation_prompt=False)
+        return len(ids), sum(label != IGNORE_INDEX for label in labels)
 
     def _layout_turns(self, images: Sequence[ImageLayout], turns, sample_id, generation_prompt: bool):
         """Token ids, labels and token types of a conversation; ``images`` holds per image its
@@ -232,6 +238,47 @@ class AnomalyOVProcessor:
             if key in keys:
                 batch[key] = torch.cat([item[key] for item in encoded], dim=0)
         return batch
+
+    def collate_packed(self, encoded: Sequence[dict[str, torch.Tensor]], max_length: int,
+                       one_row: bool = False) -> dict[str, torch.Tensor]:
+        """Samples laid end to end (data/packing.py decides the rows): ``position_ids`` restart at 0
+        for every sample and for the padding at the end of a row, which is how transformers tells
+        samples apart (a block-diagonal mask under SDPA, varlen FlashAttention-2 in one row); no
+        ``attention_mask``. The first label of every sample is -100 (nothing predicts it across a
+        boundary). Images follow the samples' order in the rows, so each sample's splice is its
+        own. ``sample_lengths`` lists the samples' tokens in that order (for counting).
+        ``one_row``: every sample in one row, no padding (what FlashAttention-2 needs)."""
+        from aov_dist.data.packing import pack_rows
+
+        if not encoded:
+            raise ValueError("collate_packed: empty list")
+        lengths = [len(item["input_ids"]) for item in encoded]
+        rows = [list(range(len(encoded)))] if one_row else pack_rows(lengths, max_length)
+        width = max(sum(lengths[i] for i in row) for row in rows)
+        fills = {"input_ids": self.pad_id, "labels": IGNORE_INDEX, "token_type": 0}
+        batch: dict[str, list] = {key: [] for key in (*fills, "position_ids")}
+        for row in rows:
+            parts: dict[str, list[torch.Tensor]] = {key: [] for key in batch}
+            for i in row:
+                for key in fills:
+                    parts[key].append(encoded[i][key])
+                parts["labels"][-1] = parts["labels"][-1].clone()
+                parts["labels"][-1][0] = IGNORE_INDEX
+                parts["position_ids"].append(torch.arange(lengths[i]))
+            pad = width - sum(lengths[i] for i in row)
+            if pad:
+                for key, fill in fills.items():
+                    parts[key].append(torch.full((pad,), fill, dtype=encoded[row[0]][key].dtype))
+                parts["position_ids"].append(torch.arange(pad))
+            for key in batch:
+                batch[key].append(torch.cat(parts[key]))
+        out = {key: torch.stack(rows_) for key, rows_ in batch.items()}
+        order = [i for row in rows for i in row]
+        for key in ("pixel_values", "image_grids", "image_sizes", "image_labels"):
+            if key in encoded[0]:
+                out[key] = torch.cat([encoded[i][key] for i in order], dim=0)
+        out["sample_lengths"] = torch.tensor([lengths[i] for i in order], dtype=torch.long)
+        return out
 
     # ------------------------------------------------------------- save/load
     def save_pretrained(self, directory: str | os.PathLike) -> None:

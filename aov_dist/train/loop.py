@@ -18,6 +18,7 @@ import torch
 
 from aov_dist.config import TrainJobConfig, micro_steps_per_step, to_typed
 from aov_dist.train import checkpoint as ckpt
+from aov_dist.train.goodput import Goodput, GoodputCounter, goodput_metrics
 from aov_dist.train.strategy import DeepSpeedStrategy
 from aov_dist.train.tasks import make_task
 
@@ -38,23 +39,24 @@ class LoopResult:
 @dataclass
 class StepTotals:
     loss: float  # mean over ranks of each rank's mean micro-batch loss
-    tokens: int  # summed over ranks
+    goodput: Goodput  # summed over ranks
     skipped: dict[str, int]  # per skip reason, summed over ranks (the job's bad samples)
     uploaded: int  # ranks whose part of the checkpoint in flight is uploaded (checkpointing.py)
     upload_failed: int  # ranks whose upload failed
 
 
-def _step_totals(strategy: DeepSpeedStrategy, loss_sum: torch.Tensor, accum: int, tokens: int,
+def _step_totals(strategy: DeepSpeedStrategy, loss_sum: torch.Tensor, accum: int, goodput: Goodput,
                  skipped: dict[str, int], upload_status: list[float], world: int) -> StepTotals:
     """One all-reduce per step for every number the step needs from all ranks (a round trip each
     otherwise). A fixed reason list keeps the tensor the same size on every rank."""
     from aov_dist.data.decode import SKIP_REASONS
 
-    v = strategy.reduce_step_totals(loss_sum, [float(tokens), *(float(skipped.get(k, 0)) for k in SKIP_REASONS),
+    ledger = goodput.as_list()
+    v = strategy.reduce_step_totals(loss_sum, [*ledger, *(float(skipped.get(k, 0)) for k in SKIP_REASONS),
                                                *upload_status])
-    n = len(SKIP_REASONS)
-    return StepTotals(v[0] / accum / world, int(v[1]), {k: int(c) for k, c in zip(SKIP_REASONS, v[2:2 + n])},
-                      int(v[2 + n]), int(v[3 + n]))
+    g, n = 1 + len(ledger), len(SKIP_REASONS)
+    return StepTotals(v[0] / accum / world, Goodput.from_list(v[1:g]),
+                      {k: int(c) for k, c in zip(SKIP_REASONS, v[g:g + n])}, int(v[g + n]), int(v[g + n + 1]))
 
 
 def run_training(cfg: TrainJobConfig, rank: int, world: int, run_id: Optional[str] = None,
@@ -83,7 +85,9 @@ def run_training(cfg: TrainJobConfig, rank: int, world: int, run_id: Optional[st
     ckpt.seed_everything(cfg.train.seed)
     task = task or make_task(cfg.stage.name)
     model, processor = strategy.build_model(lambda: task.build_model(cfg, gather=strategy.gathered_for_update))
-    groups = model.stage_parameter_groups(cfg.stage.name, train_vision_tower="vision_tower" in cfg.stage.lr)
+    train_tower = "vision_tower" in cfg.stage.lr
+    groups = model.stage_parameter_groups(cfg.stage.name, train_vision_tower=train_tower)
+    count = GoodputCounter(model.config, cfg.stage.name, train_tower)
 
     accum = micro_steps_per_step(cfg, world)
     loader = task.build_loader(cfg, processor, rank, world)
@@ -112,7 +116,7 @@ def run_training(cfg: TrainJobConfig, rank: int, world: int, run_id: Optional[st
     monitor = (start_node_monitor(cfg.tracking, run_id, int(os.environ.get("NODE_RANK", 0)), cfg.cluster.nodes)
                if int(os.environ.get("LOCAL_RANK", rank)) == 0 else None)
     try:
-        job = _Job(cfg, strategy, task, loader, skips, tracker, writer, rank, world, total, accum, strategy.numel())
+        job = _Job(cfg, strategy, task, loader, skips, tracker, writer, rank, world, total, accum, count)
         _train_steps(job, result, on_step, stop_after)
         writer.finish()  # the last checkpoint's upload, then its commit
         if on_end is not None:
@@ -139,7 +143,7 @@ class _Job:
     world: int
     total: int  # optimizer steps of the stage
     accum: int  # micro-batches per optimizer step on each rank
-    n_params: int
+    count: GoodputCounter  # a host batch's goodput ledger
 
 
 def _train_steps(job: _Job, result: LoopResult, on_step, stop_after: Optional[int]) -> None:
@@ -162,22 +166,22 @@ def _train_steps(job: _Job, result: LoopResult, on_step, stop_after: Optional[in
     while result.step < total:
         t0 = time.perf_counter()
         loss_sum: Any = 0.0  # a device tensor after the first micro-batch: no host sync per micro-batch
-        tokens = 0
+        ledger = Goodput()
         for _ in range(accum):
             batch = next_batch()
-            tokens += task.count_tokens(batch)  # on the host batch, before it moves
+            ledger = ledger + job.count(batch)  # on the host batch, before it moves
             loss = task.loss(strategy, strategy.to_device(batch))
             strategy.backward(loss)
             strategy.step()
             loss_sum = loss_sum + loss.detach().float()
         result.step += 1
-        totals = _step_totals(strategy, loss_sum, accum, tokens, loader.skipped, job.writer.status(), job.world)
+        totals = _step_totals(strategy, loss_sum, accum, ledger, loader.skipped, job.writer.status(), job.world)
         job.writer.settle(totals.uploaded, totals.upload_failed)  # commits an uploaded checkpoint
         result.losses.append(totals.loss)
         elapsed = time.perf_counter() - t0
         metrics = {"loss": totals.loss, "epoch": loader.epoch,
-                   "samples_per_s": cfg.stage.global_batch_size / elapsed,
-                   "tokens_per_s": totals.tokens / elapsed}
+                   **goodput_metrics(totals.goodput, elapsed, job.world, cfg.train.peak_flops_per_device,
+                                     cfg.cluster.use_gpu)}
         norm = strategy.grad_norm()
         if norm is not None:
             metrics["grad_norm"] = norm
@@ -187,9 +191,6 @@ def _train_steps(job: _Job, result: LoopResult, on_step, stop_after: Optional[in
         window = job.skips.update(result.step, result.step * cfg.stage.global_batch_size, totals.skipped)
         if window is not None:
             metrics["data/skipped_fraction"] = window.fraction
-        mfu = _mfu(cfg, job.n_params, metrics["tokens_per_s"], job.world)
-        if mfu is not None:
-            metrics["mfu"] = mfu
         if rank == 0 and result.step % cfg.train.log_every_steps == 0:
             job.tracker.log_metrics(metrics, result.step)
         if on_step and rank == 0:
@@ -198,15 +199,6 @@ def _train_steps(job: _Job, result: LoopResult, on_step, stop_after: Optional[in
             job.writer.save(result.step, result.losses, loader, job.skips, metrics)
         if stop_after is not None and result.step >= stop_after:
             break
-
-
-def _mfu(cfg: TrainJobConfig, n_params: int, tokens_per_s: float, world: int) -> Optional[float]:
-    """Model FLOPs utilisation (6 N flops per token: forward + backward), GPU runs only: on CPU
-    there is no meaningful peak to divide by."""
-    peak = cfg.train.peak_flops_per_device
-    if not (cfg.cluster.use_gpu and peak > 0 and tokens_per_s > 0):
-        return None
-    return 6.0 * n_params * tokens_per_s / (peak * world)
 
 
 def quiet_library_warnings() -> None:

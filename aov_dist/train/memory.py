@@ -18,8 +18,11 @@ parameter: 2 for bf16, 4 for fp32; W = workers; P = unique parameters, P_train t
   residual (7h), k and v (2 kv_dim), gate, up, silu(gate) and their product (4I). Without
   checkpointing all L layers keep that; with ``model.activation_checkpointing`` each layer keeps
   only its input (b*h per token) plus one layer's full activations while it is recomputed.
-* LM head (stage 2 only): S x vocab x (b + 4 + 4) bytes: the logits, their fp32 copy (bf16 only)
-  and the fp32 log-softmax of the loss (10 bytes per logit in bf16, 8 in fp32).
+* LM head (stage 2 only): N x vocab x 12 bytes, where N = micro_batch_size x labelled tokens per
+  sample (the head runs on labelled positions only, model/loss.py; without a data sample N is
+  sized at S, an upper bound). The peak is in the loss's backward, where three fp32 tensors of N x
+  vocab are live: the saved log-softmax, the gradient coming from the NLL loss and the gradient
+  being formed (measured: benchmarks/bench_loss_memory.py, in bf16 and fp32 alike).
 * vision: V = micro_batch_size x views per sample, T = 729 tokens per view, d = SigLIP width.
   The frozen tower runs without a graph, but ``output_hidden_states`` holds all L_v+1 hidden
   states [V, T, d] until the expert has run (it runs inside the same call). Stage 1: those plus the
@@ -40,9 +43,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Optional
 
 GIB = 1024**3
 OVERHEAD_GIB = 2.5
+LOSS_BYTES_PER_LOGIT = 12  # three fp32 copies of the logits live in the loss's backward
 FITS_FRACTION, TIGHT_FRACTION = 0.85, 1.0
 
 
@@ -81,6 +86,8 @@ class JobShape:
     micro_batch_size: int
     tokens_per_sample: int  # stage 2: the longest sample that reaches the model (<= max_length)
     views_per_sample: int  # vision views of the largest sample
+    # stage 2: the most labelled tokens of a sample (where the LM head runs); None = tokens_per_sample
+    label_positions_per_sample: Optional[int] = None
 
     @property
     def world(self) -> int:
@@ -137,7 +144,8 @@ def estimate(m: ModelDims, job: JobShape, overhead_gib: float = OVERHEAD_GIB) ->
     else:
         llm = tokens * m.text_layers * per_layer
     terms["LLM activations"] = float(llm)
-    terms["LM head logits + loss"] = float(tokens * m.vocab_size * (b + (4 if b < 4 else 0) + 4))
+    head = tokens if job.label_positions_per_sample is None else job.micro_batch_size * job.label_positions_per_sample
+    terms["LM head logits + loss"] = float(head * m.vocab_size * LOSS_BYTES_PER_LOGIT) if tokens else 0.0
     views = job.micro_batch_size * job.views_per_sample
     hidden_states = (m.vision_layers + 1) * m.vision_hidden
     if job.stage == "stage1":

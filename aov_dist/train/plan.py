@@ -205,19 +205,22 @@ def gather_data(c: TrainJobConfig, processor, missing: dict[str, str], options) 
         if counts:
             out["views"] = {"histogram": _histogram(counts, VIEW_BINS, "27-37"), **percentiles(counts)}
         return out
-    lengths, view_counts = [], []
+    lengths, labelled, view_counts = [], [], []
     for r in sample.records:
         try:
-            lengths.append(processor.count_tokens(list(r.image_sizes), r.conversations))
+            tokens, labels = processor.count_tokens_and_labels(list(r.image_sizes), r.conversations)
         except ValueError:  # placeholder/role problems: the loader skips those too
             out["skipped"]["bad_json"] = out["skipped"].get("bad_json", 0) + 1
             continue
+        lengths.append(tokens)
+        labelled.append(labels)
         view_counts.append(views(r.image_sizes))
     if lengths:
         over = sum(t > c.data.max_length for t in lengths)
         out["tokens"] = {"histogram": _histogram(lengths, TOKEN_BINS, ">32k"), **percentiles(lengths),
                          "over_max_length": over, "fraction_over_max_length": over / len(lengths)}
         out["views"] = {"max": max(1, *view_counts)}  # text-only batches run the vision side on one dummy view
+        out["labelled_tokens"] = {"max": max(labelled)}  # where the LM head runs (model/loss.py)
     return out
 
 
@@ -236,9 +239,11 @@ def plan_job(c: TrainJobConfig, missing: dict[str, str], options) -> dict[str, A
     tokens = data.get("tokens")
     per_sample = min(tokens["max"], c.data.max_length) if tokens else c.data.max_length
     views = (data.get("views") or {}).get("max", layout_views)
+    labelled = (data.get("labelled_tokens") or {}).get("max")  # None without a data sample: sized at per_sample
     job = mem.JobShape(c.stage.name, c.cluster.nodes, c.cluster.workers_per_node, c.deepspeed.zero_stage, b,
                        c.deepspeed.offload_optimizer, c.deepspeed.offload_params, c.model.activation_checkpointing,
-                       c.data.micro_batch_size, per_sample, views)
+                       c.data.micro_batch_size, per_sample, views,
+                       None if labelled is None else min(labelled, per_sample))
     if c.cluster.use_gpu:
         if c.cluster.gpu_memory_gib <= 0:
             raise ConfigError("cluster.gpu_memory_gib", "set the memory of one GPU in GiB (the budget per worker)")

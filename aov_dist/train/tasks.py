@@ -1,14 +1,14 @@
 """What a stage trains: its model, its data stream and its loss. The loop around them is shared.
 
 A task is any object with ``stage``, ``build_model(cfg, gather=None)``, ``build_loader(cfg,
-processor, rank, world)``, ``count_tokens(batch) -> int`` (read on the host batch, before it
-moves to the device) and ``loss(strategy, batch) -> loss`` (the batch is already on the engine's
+processor, rank, world)`` and ``loss(strategy, batch) -> loss`` (the batch is already on the engine's
 device: the loop moved it; the model runs through ``strategy.forward`` / ``strategy.call``); tests
 swap in their own (e.g. a loader that hands every world size the same global batches).
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 import torch
@@ -16,6 +16,8 @@ import torch.nn.functional as F
 
 from aov_dist.config import TrainJobConfig
 from aov_dist.model.config import ModelConfig
+
+log = logging.getLogger(__name__)
 
 
 def balanced_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -61,18 +63,15 @@ class _ModelTask:
     def transform(self, processor: Any, cfg: TrainJobConfig):
         raise NotImplementedError
 
+    def collate(self, processor: Any, cfg: TrainJobConfig):
+        return processor.collate
+
     def build_loader(self, cfg: TrainJobConfig, processor: Any, rank: int, world: int):
         from aov_dist.data.stream import build_loader
 
         return build_loader(cfg.data, rank, world, transform=self.transform(processor, cfg),
-                            collate=processor.collate, stage=self.stage, pin_memory=cfg.cluster.use_gpu,
-                            global_batch_size=cfg.stage.global_batch_size)
-
-    @staticmethod
-    def count_tokens(batch: dict[str, torch.Tensor]) -> int:
-        """Real (non-padding) tokens of a host-side batch; 0 for batches without text."""
-        mask = batch.get("attention_mask")
-        return int(mask.sum()) if mask is not None else 0
+                            collate=self.collate(processor, cfg), stage=self.stage,
+                            pin_memory=cfg.cluster.use_gpu, global_batch_size=cfg.stage.global_batch_size)
 
 
 class Stage1Task(_ModelTask):
@@ -100,6 +99,21 @@ class Stage2Task(_ModelTask):
         from aov_dist.data.transforms import ConversationTransform
 
         return ConversationTransform(processor, cfg.data.max_length)
+
+    def collate(self, processor: Any, cfg: TrainJobConfig):
+        if not cfg.data.packing:
+            return processor.collate
+        from aov_dist.data.transforms import PackedCollate
+        from aov_dist.model.attention import resolve_attn_implementation
+
+        # FlashAttention-2 finds packed samples in one row only (processor.collate_packed)
+        one_row = resolve_attn_implementation(cfg.model.attn_implementation) == "flash_attention_2"
+        if cfg.data.micro_batch_size == 1:
+            log.warning("data.packing=true with data.micro_batch_size=1: every micro-batch holds one sample, "
+                        "so there is no padding to remove; raise data.micro_batch_size to pack")
+        log.info("packing: %s", "all samples of a micro-batch in one row (FlashAttention-2)" if one_row
+                 else f"rows of up to data.max_length={cfg.data.max_length} tokens (SDPA)")
+        return PackedCollate(processor, cfg.data.max_length, one_row)
 
     def loss(self, strategy, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return strategy.forward(**batch).loss
