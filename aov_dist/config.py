@@ -153,6 +153,10 @@ def validate(cfg: DictConfig | TrainJobConfig | dict[str, Any], *, check_paths: 
     if (c.train.keep_unevaluated or c.train.keep_best) and not c.tracking.enabled:
         key = "train.keep_unevaluated" if c.train.keep_unevaluated else "train.keep_best"
         raise ConfigError(key, "needs tracking (tracking.enabled=true): the evaluations are read from the MLflow run")
+    for key in ("step_timeout_s", "min_step_timeout_s", "startup_timeout_s"):
+        value = getattr(c.train, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"train.{key}", f"must be > 0 seconds, got {value}")
     if c.train.keep_checkpoints < 1:
         raise ConfigError("train.keep_checkpoints", f"must be >= 1, got {c.train.keep_checkpoints}")
     if not c.train.run_name or "/" in c.train.run_name:

@@ -48,6 +48,7 @@ def test_stage2_group_has_its_own_schedule(tmp_path):
     (["stage.init_from=/nonexistent/expert.pth", "stage=stage2"], "stage.init_from", "does not exist"),
     (["cluster.backend=nccl"], "cluster.backend", "nccl needs GPUs"),
     (["data.packing=true"], "data.packing", "stage1 has no text to pack"),
+    (["train.step_timeout_s=0"], "train.step_timeout_s", "must be > 0 seconds"),
 ])
 def test_impossible_configs_name_the_key(tmp_path, overrides, key, words):
     with pytest.raises(ConfigError) as e:

@@ -158,3 +158,36 @@ def test_killed_worker_resumes_from_the_checkpoint_with_the_uninterrupted_losses
     assert json.loads(Path(result.latest_checkpoint, "trainer_state.json").read_text())["losses"] == result.losses
     assert_states_close(hf_state(result.latest_checkpoint), hf_state(ref[0]["checkpoints"][-1]), rtol=1e-5, atol=1e-7)
     print(f"interrupted run {interrupted_s:.0f} s; losses {result.losses} vs {ref[0]['losses']}")
+
+
+STALL_LIMIT_S = 20  # train.step_timeout_s of the stalled run: the parked rank's watchdog fires then
+
+
+def test_a_stalled_worker_is_ended_by_its_watchdog_and_the_job_resumes_with_the_uninterrupted_losses(
+        tmp_path, synthetic_shards, ray_session, monkeypatch):
+    """The same parked rank 1, but nobody kills it: its watchdog ends it (stack report in the MLflow
+    run), Ray restarts the group and the job resumes from step 2 as after a kill."""
+    from mlflow.tracking import MlflowClient
+
+    from aov_dist.train.driver import main
+    from train_harness import compose_cfg, install_worker_setup_hook, run_ranks, typed_cfg
+
+    manifest = synthetic_shards.manifest_path
+    kill_dir = tmp_path / "kill"
+    kill_dir.mkdir()
+    install_worker_setup_hook(monkeypatch, __file__, "park_rank1_of_first_attempt", {KILL_DIR_ENV: str(kill_dir)})
+    tracking = ["tracking.enabled=true", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+                f"tracking.artifact_location={tmp_path}/art", "tracking.system_metrics=false"]
+    t0 = time.monotonic()
+    result = main(compose_cfg(_overrides(manifest, tmp_path / "runs")
+                              + [f"train.step_timeout_s={STALL_LIMIT_S}", *tracking]), show_progress=False)
+    assert (kill_dir / PARKED).exists()  # rank 1 of the first attempt really stalled
+    assert result.resumed_from and result.resumed_from.endswith(f"step_{EVERY}"), result.resumed_from
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    names = [a.path for a in client.list_artifacts(result.run_id, "stalls")]
+    assert "stalls/rank_1_step_2.txt" in names, names
+    report = Path(client.download_artifacts(result.run_id, "stalls/rank_1_step_2.txt")).read_text()
+    assert report.startswith("WorkerStalled: rank 1 made no progress") and "while: step 3: forward/backward" in report
+    ref = run_ranks(typed_cfg(_overrides(manifest, tmp_path / "ref")), tmp_path / "ref_out")
+    assert result.losses == pytest.approx(ref[0]["losses"], rel=1e-5), (result.losses, ref[0]["losses"])
+    print(f"stalled run {time.monotonic() - t0:.0f} s")

@@ -249,6 +249,18 @@ def steps_to_keep(cfg: TrackingConfig, run_id: Optional[str], unevaluated: bool,
         return set()
 
 
+def text_reporter(cfg: TrackingConfig, run_id: Optional[str]) -> Optional[Callable[[str, str], None]]:
+    """``put(text, artifact_file)`` into the run from any rank (a stall report); None without
+    tracking. A direct client call: the rank's background tracker may be what is stuck."""
+    if not (cfg.enabled and run_id):
+        return None
+
+    def put(text: str, artifact_file: str) -> None:
+        _client(cfg.uri).log_text(run_id, text, artifact_file)
+
+    return put
+
+
 def make_tracker(cfg: TrackingConfig, run_id: Optional[str], rank: int, background: bool = True) -> Tracker:
     if not cfg.enabled or run_id is None or rank != 0:
         return NullTracker()

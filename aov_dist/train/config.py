@@ -55,6 +55,16 @@ class TrainConfig:
     log_every_steps: int = 1
     # Peak bf16 FLOP/s of one accelerator for the MFU metric; 0 = not logged (CPU).
     peak_flops_per_device: float = 0.0
+    # Progress watchdog (train/watchdog.py): a worker whose step, checkpoint save or final save
+    # makes no progress for step_timeout_s seconds writes every thread's stack to its log and to
+    # the MLflow run, then exits, so Ray Train restarts the group from the last committed
+    # checkpoint (cluster.max_failures). None = max(10 x the median step, min_step_timeout_s).
+    watchdog: bool = True
+    step_timeout_s: Optional[float] = None
+    min_step_timeout_s: float = 300.0
+    # the limit until the first step is done: building the model, loading a checkpoint, the first
+    # step with its one-off compilation. The collectives' timeout is the larger limit plus a minute.
+    startup_timeout_s: float = 1800.0
 
 
 @dataclass

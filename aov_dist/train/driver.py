@@ -128,6 +128,7 @@ def _fit(c: TrainJobConfig, container: dict, run_id: Optional[str], show_progres
 
     from aov_dist.cluster.scaling import scaling_config
     from aov_dist.train.loop import worker_entry
+    from aov_dist.train.watchdog import collective_timeout_s
 
     init_ray(c)
     # The progress queue lives on the driver's machine, never on a worker node a job may lose
@@ -141,7 +142,7 @@ def _fit(c: TrainJobConfig, container: dict, run_id: Optional[str], show_progres
         worker_entry,
         train_loop_config={"cfg": container, "run_id": run_id, "progress": progress},
         scaling_config=scaling_config(c.cluster),
-        torch_config=TorchConfig(backend=c.cluster.backend),
+        torch_config=TorchConfig(backend=c.cluster.backend, timeout_s=int(collective_timeout_s(c.train))),
         run_config=RunConfig(
             name=c.train.run_name,
             storage_path=_ray_storage(c.train.storage_path),

@@ -19,6 +19,7 @@ import torch
 from aov_dist.config import TrainJobConfig, micro_steps_per_step, to_typed
 from aov_dist.train import checkpoint as ckpt
 from aov_dist.train.goodput import Goodput, GoodputCounter, goodput_metrics
+from aov_dist.train.watchdog import Watchdog, start_watchdog
 from aov_dist.train.strategy import DeepSpeedStrategy
 from aov_dist.train.tasks import make_task
 
@@ -72,16 +73,29 @@ def run_training(cfg: TrainJobConfig, rank: int, world: int, run_id: Optional[st
     after that step, as a job killed right after its checkpoint would (tests of resume).
     ``on_end(strategy, processor)`` runs on every rank after the last step (collective use
     allowed, e.g. a probe forward under ``strategy.gathered``). The loop never touches the
-    DeepSpeed engine: every step, save and load goes through the strategy.
+    DeepSpeed engine: every step, save and load goes through the strategy. A watchdog
+    (train/watchdog.py) ends the process, with a stack report, when a phase stalls.
     """
+    from aov_dist.tracking.mlflow_tracker import text_reporter
+
+    quiet_library_warnings()
+    strategy = strategy or DeepSpeedStrategy(cfg)
+    strategy.init_distributed()
+    watch = start_watchdog(cfg.train, rank, text_reporter(cfg.tracking, run_id))
+    try:
+        return _run(cfg, rank, world, run_id, on_step, on_checkpoint, task, stop_after, on_end, strategy, watch)
+    finally:
+        watch.stop()
+
+
+def _run(cfg: TrainJobConfig, rank: int, world: int, run_id, on_step, on_checkpoint, task, stop_after, on_end,
+         strategy: DeepSpeedStrategy, watch: Watchdog) -> LoopResult:
     from aov_dist.data.skip_policy import SkipPolicy
     from aov_dist.tracking.mlflow_tracker import CHECKPOINT_TAG, make_tracker, steps_to_keep
     from aov_dist.train.checkpointing import CheckpointWriter, restore, run_hooks
     from aov_dist.tracking.system_metrics import start_node_monitor, stop_node_monitor
 
-    quiet_library_warnings()
-    strategy = strategy or DeepSpeedStrategy(cfg)
-    strategy.init_distributed()
+    watch.phase("building the model and the engine")
     ckpt.seed_everything(cfg.train.seed)
     task = task or make_task(cfg.stage.name)
     model, processor = strategy.build_model(lambda: task.build_model(cfg, gather=strategy.gathered_for_update))
@@ -101,6 +115,7 @@ def run_training(cfg: TrainJobConfig, rank: int, world: int, run_id: Optional[st
 
     result = LoopResult(step=0, optimizer=strategy.optimizer_name)
     if resume:
+        watch.phase(f"restoring {resume}")
         restore(strategy, loader, skips, resume, rank, result)
     tracker = make_tracker(cfg.tracking, run_id, rank)
 
@@ -116,10 +131,12 @@ def run_training(cfg: TrainJobConfig, rank: int, world: int, run_id: Optional[st
     monitor = (start_node_monitor(cfg.tracking, run_id, int(os.environ.get("NODE_RANK", 0)), cfg.cluster.nodes)
                if int(os.environ.get("LOCAL_RANK", rank)) == 0 else None)
     try:
-        job = _Job(cfg, strategy, task, loader, skips, tracker, writer, rank, world, total, accum, count)
+        job = _Job(cfg, strategy, task, loader, skips, tracker, writer, rank, world, total, accum, count, watch)
         _train_steps(job, result, on_step, stop_after)
+        watch.phase("final save (the last checkpoint's upload and commit)")
         writer.finish()  # the last checkpoint's upload, then its commit
         if on_end is not None:
+            watch.phase("end of training (on_end)")
             on_end(strategy, processor)
     finally:
         stop_node_monitor(monitor)
@@ -144,6 +161,7 @@ class _Job:
     total: int  # optimizer steps of the stage
     accum: int  # micro-batches per optimizer step on each rank
     count: GoodputCounter  # a host batch's goodput ledger
+    watch: Watchdog
 
 
 def _train_steps(job: _Job, result: LoopResult, on_step, stop_after: Optional[int]) -> None:
@@ -167,16 +185,21 @@ def _train_steps(job: _Job, result: LoopResult, on_step, stop_after: Optional[in
         t0 = time.perf_counter()
         loss_sum: Any = 0.0  # a device tensor after the first micro-batch: no host sync per micro-batch
         ledger = Goodput()
-        for _ in range(accum):
+        n = result.step + 1
+        for k in range(1, accum + 1):
+            job.watch.phase(f"step {n}: reading micro-batch {k}/{accum}")
             batch = next_batch()
             ledger = ledger + job.count(batch)  # on the host batch, before it moves
+            job.watch.phase(f"step {n}: forward/backward of micro-batch {k}/{accum}", collective=job.world > 1)
             loss = task.loss(strategy, strategy.to_device(batch))
             strategy.backward(loss)
             strategy.step()
             loss_sum = loss_sum + loss.detach().float()
+        job.watch.phase(f"step {n}: the step's all-reduce", collective=True)
         result.step += 1
         totals = _step_totals(strategy, loss_sum, accum, ledger, loader.skipped, job.writer.status(), job.world)
         job.writer.settle(totals.uploaded, totals.upload_failed)  # commits an uploaded checkpoint
+        job.watch.step_done(result.step)
         result.losses.append(totals.loss)
         elapsed = time.perf_counter() - t0
         metrics = {"loss": totals.loss, "epoch": loader.epoch,
@@ -196,6 +219,7 @@ def _train_steps(job: _Job, result: LoopResult, on_step, stop_after: Optional[in
         if on_step and rank == 0:
             on_step({"step": result.step, "total": total, **metrics})
         if result.step % cfg.train.checkpoint_every_steps == 0 or result.step == total:
+            job.watch.phase(f"step {n}: checkpoint save")
             job.writer.save(result.step, result.losses, loader, job.skips, metrics)
         if stop_after is not None and result.step >= stop_after:
             break

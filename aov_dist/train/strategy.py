@@ -114,7 +114,12 @@ class DeepSpeedStrategy:
             raise RuntimeError(f"DeepSpeed chose its {have!r} accelerator but cluster.use_gpu="
                                f"{str(self.cfg.cluster.use_gpu).lower()} needs {want!r}: set DS_ACCELERATOR={want} "
                                f"(or leave it unset) in the workers' environment before DeepSpeed is imported")
-        deepspeed.init_distributed(dist_backend=self.cfg.cluster.backend, verbose=False)
+        from datetime import timedelta
+
+        from aov_dist.train.watchdog import collective_timeout_s
+
+        deepspeed.init_distributed(dist_backend=self.cfg.cluster.backend, verbose=False,
+                                   timeout=timedelta(seconds=collective_timeout_s(self.cfg.train)))
 
     @property
     def collective_device(self) -> torch.device:
