@@ -191,6 +191,8 @@ def _packing(opts: dict, device: torch.device, dtype: torch.dtype, peak: float) 
     import numpy as np
 
     import gpu_mfu
+    from aov_dist.devices import move_to_device
+    from aov_dist.model.anomaly_ov import HOST_INPUTS
     from aov_dist.model.presets import preset_dims
     from aov_dist.train.synthetic import synthetic_sample
 
@@ -211,7 +213,8 @@ def _packing(opts: dict, device: torch.device, dtype: torch.dtype, peak: float) 
     real = sum(len(s["input_ids"]) for s in samples)
 
     def to_device(b: dict) -> dict:
-        b = {k: v.to(device) for k, v in b.items()}
+        # the training path's one move (layout metadata stays on the host, as in the loop)
+        b = move_to_device(b, device, keep_on_host=HOST_INPUTS)
         b["pixel_values"] = b["pixel_values"].to(dtype)
         return b
 

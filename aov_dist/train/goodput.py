@@ -52,17 +52,15 @@ class GoodputCounter:
         self.model_config, self.stage, self.train_vision_tower = model_config, stage, train_vision_tower
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> Goodput:
-        flops = training_flops(self.model_config, batch_shape(batch, self.model_config.vision_dummy_for_text_only),
-                               self.stage, self.train_vision_tower)
+        # batch_shape is the one reading of a batch's samples (padded or packed)
+        shape = batch_shape(batch, self.model_config.vision_dummy_for_text_only)
+        flops = training_flops(self.model_config, shape, self.stage, self.train_vision_tower)
         if "input_ids" not in batch:  # stage 1: images only
             return Goodput(samples=len(batch["image_labels"]), model_flops=flops)
-        lengths = batch.get("sample_lengths")
-        if lengths is None:  # padded: one sample per row
-            lengths = batch["attention_mask"].sum(dim=1)
-        real = int(lengths.sum())
+        real = sum(shape.sample_lengths)
         image = int((batch["token_type"] != 0).sum())
         return Goodput(text_tokens=real - image, image_tokens=image, padding_tokens=batch["input_ids"].numel() - real,
-                       samples=len(lengths), model_flops=flops)
+                       samples=len(shape.sample_lengths), model_flops=flops)
 
 
 def goodput_metrics(total: Goodput, elapsed_s: float, world: int, peak_flops_per_device: float,
