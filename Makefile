@@ -65,10 +65,12 @@ export: setup
 demo: shards
 	$(PY) -m aov_dist.demo --out demo_out
 
-# The MLflow UI on loopback only; MLFLOW_DB picks the store (the demo's by default when present).
+# The MLflow UI on loopback only; prints each experiment's training-runs address first.
+# MLFLOW_DB picks the store (the demo's by default when present), MLFLOW_PORT the port.
 MLFLOW_DB ?= $(if $(wildcard demo_out/mlflow.db),demo_out/mlflow.db,mlflow.db)
+MLFLOW_PORT ?= 5000
 mlflow-ui: setup
-	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///$(MLFLOW_DB)
+	$(PY) -m aov_dist.tracking.ui --backend-store-uri sqlite:///$(MLFLOW_DB) --host 127.0.0.1 --port $(MLFLOW_PORT)
 
 bench: shards
 	$(PY) benchmarks/bench_loader.py

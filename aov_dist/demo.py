@@ -212,8 +212,20 @@ def print_summary(s: DemoSummary) -> None:
     _say(f"MLflow runs: stage 1 {s.stage1.run_id}, stage 2 {s.stage2.run_id} in {s.tracking_uri}")
     _say(f"checkpoints: {os.path.join(s.out_dir, 'runs')}")
     _say(f"worker logs (Ray, DeepSpeed): /tmp/ray/session_latest/logs")
-    _say(f"open the MLflow UI: make mlflow-ui   (then http://127.0.0.1:5000)")
+    _say(f"open the MLflow UI: make mlflow-ui   (then {_runs_url(s)})")
     _say(f"total {s.seconds / 60:.1f} min")
+
+
+def _runs_url(s: DemoSummary) -> str:
+    from mlflow.tracking import MlflowClient
+
+    from aov_dist.tracking.run_info import training_runs_url
+
+    base = "http://127.0.0.1:5000"
+    try:
+        return training_runs_url(base, MlflowClient(s.tracking_uri).get_run(s.stage1.run_id).info.experiment_id)
+    except Exception:  # untracked demo
+        return base
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -9,6 +9,7 @@
   it (``shutil.copytree``) before changing anything.
 * ``synthetic_shards`` (session): ``SyntheticShards`` of ``synthetic_data`` written with a small
   size target, so there are several shards (read-only too).
+* ``reduced_demo`` (session): the demo pipeline at its reduced size, its summary and output.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -124,6 +126,28 @@ def synthetic_shards(synthetic_data, tmp_path_factory) -> SyntheticShards:
     manifest = write_shards([str(synthetic_data.train_json)], str(out),
                             image_root=str(synthetic_data.image_root), shard_size_mb=0.1)
     return SyntheticShards(dir=out, manifest_path=out / "manifest.json", manifest=manifest, data=synthetic_data)
+
+
+@dataclass(frozen=True)
+class ReducedDemo:
+    summary: Any  # aov_dist.demo.DemoSummary
+    printed: str  # what the demo printed
+
+
+@pytest.fixture(scope="session")
+def reduced_demo(tmp_path_factory) -> ReducedDemo:
+    """The demo pipeline at its reduced size (conf/demo.yaml), run once per session: its MLflow
+    store (both stages, their evaluations) is read by the demo test and the MLflow UI test."""
+    import contextlib
+    import io
+
+    from aov_dist.demo import run_demo
+
+    root = tmp_path_factory.mktemp("demo")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        summary = run_demo("reduced", out_dir=str(root / "out"), data_dir=str(root / "data"))
+    return ReducedDemo(summary, printed.getvalue())
 
 
 # The 2-core CI box is shared: keep BLAS from spawning threads in every test process.

@@ -76,7 +76,13 @@ def test_secret_env_is_refused_and_plain_env_forwarded():
         submit.runtime_env(["AWS_SECRET_ACCESS_KEY=abc"], environ={})
     renv = submit.runtime_env(["NCCL_DEBUG=INFO"], environ={"AWS_ENDPOINT_URL": "http://s3:9000",
                                                             "AWS_ACCESS_KEY_ID": "AKIAFAKE"})
-    assert renv["env_vars"] == {"AWS_ENDPOINT_URL": "http://s3:9000", "NCCL_DEBUG": "INFO"}
+    env = renv["env_vars"]
+    assert {k: v for k, v in env.items() if not k.startswith("AOV_GIT_")} == {
+        "AWS_ENDPOINT_URL": "http://s3:9000", "NCCL_DEBUG": "INFO"}
+    # the job's MLflow runs name this checkout's commit (the uploaded copy has no .git)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                          cwd=os.path.dirname(__file__)).stdout.strip()
+    assert env["AOV_GIT_COMMIT"] == head and env["AOV_GIT_DIRTY"] in ("true", "false")
 
 
 @pytest.mark.parametrize("name,secret", [("MLFLOW_TRACKING_PASSWORD", True), ("AWS_ACCESS_KEY_ID", True),

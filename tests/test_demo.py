@@ -5,14 +5,14 @@ import pytest
 
 
 @pytest.mark.slow
-def test_reduced_demo_logs_runs_metrics_artifacts_and_summary(tmp_path, capsys):
+def test_reduced_demo_logs_runs_metrics_artifacts_and_summary(reduced_demo):
     from mlflow.tracking import MlflowClient
 
-    from aov_dist.demo import AUROC, DET_ACC, run_demo
+    from aov_dist.demo import AUROC, DET_ACC
 
-    summary = run_demo("reduced", out_dir=str(tmp_path / "out"), data_dir=str(tmp_path / "data"))
-    printed = capsys.readouterr().out
+    summary, printed = reduced_demo.summary, reduced_demo.printed
     assert "aov-dist demo: summary" in printed and "make mlflow-ui" in printed
+    assert "/runs?workflowType=machine_learning" in printed  # the address of the training runs
     assert DET_ACC in summary.untrained and AUROC in summary.untrained
 
     # conf/demo.yaml eval_tasks: reasoning only where the LLM has been trained (stage 2)

@@ -66,7 +66,8 @@ def test_training_with_the_server_down_commits_its_checkpoints(tmp_path, synthet
 
     ov = tiny_overrides(synthetic_shards.manifest_path, tmp_path / "runs", world=1, num_workers=0, steps=3,
                         global_batch=2, micro=2, run_name="nomlflow", tracking=True,
-                        extra=[f"tracking.uri={_dead_uri()}", "train.checkpoint_every_steps=1"])
+                        extra=[f"tracking.uri={_dead_uri()}", "train.checkpoint_every_steps=1",
+                               "tracking.close_wait_s=0"])
     (r,) = run_ranks(typed_cfg(ov), tmp_path / "out", rank_fn=partial(train_rank_keeping_warnings, run_id="0" * 32))
     assert len(r["losses"]) == 3
     assert [s for s, _, ok in ckpt.list_steps(str(tmp_path / "runs"), "nomlflow") if ok] == [2, 3]

@@ -43,20 +43,23 @@ def test_planted_secret_never_reaches_params_or_the_config_artifact(tmp_path, mo
     from aov_dist.tracking.config import TrackingConfig
     from aov_dist.tracking.mlflow_tracker import create_run
     from aov_dist.tracking.redact import redact
+    from aov_dist.tracking.run_info import compared_params
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", PLANTED)
     caplog.set_level(logging.DEBUG)
     container = _planted_container()
     cfg = TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", artifact_location=str(tmp_path / "art"),
                          experiment="sec", system_metrics=False)
-    run_id = create_run(cfg, "job", container, OmegaConf.to_yaml(OmegaConf.create(redact(container))))
+    # a param under a secret-looking key (a user's own addition) is masked as well
+    params = {**compared_params(container), "cluster.k8s.s3_secret": PLANTED}
+    run_id = create_run(cfg, "job", params, OmegaConf.to_yaml(OmegaConf.create(redact(container))))
     client = MlflowClient(cfg.uri)
     run = client.get_run(run_id)
     assert PLANTED not in repr(run.data.params) and PLANTED not in repr(run.data.tags)
     assert run.data.params["cluster.k8s.s3_secret"] == "***"
-    assert run.data.params["eval.judge.max_tokens"] == "256"
+    assert run.data.params["stage.name"] == "stage1"
     text = Path(client.download_artifacts(run_id, "config.yaml", str(tmp_path / "dl"))).read_text()
-    assert PLANTED not in text and "max_tokens: 256" in text
+    assert PLANTED not in text and "max_tokens: 256" in text and "s3_secret: '***'" in text
     assert PLANTED not in caplog.text
 
 

@@ -11,6 +11,7 @@ import pytest
 from aov_dist.tracking.config import TrackingConfig
 from aov_dist.tracking.mlflow_tracker import MlflowTracker, NullTracker, create_run, make_tracker
 from aov_dist.tracking.redact import MASK, flatten, redact
+from aov_dist.tracking.run_info import EXPERIMENT_KIND_TAG, TRAINING_KIND, compared_params
 from train_harness import free_port
 
 RESOLVED = {
@@ -34,29 +35,46 @@ def test_flatten_dotted_keys():
     assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": None}) == {"a.b": 1, "a.c.d": [1, 2], "e": None}
 
 
-def test_create_run_one_run_with_redacted_params_and_yaml(tmp_path):
+def test_create_run_one_run_with_compared_params_redacted_and_yaml(tmp_path):
     from mlflow.tracking import MlflowClient
 
     cfg = TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", artifact_location=str(tmp_path / "art"),
                          experiment="exp-a", system_metrics=False)
-    run_id = create_run(cfg, "job-1", RESOLVED, "stage:\n  name: stage1\n", tags={"aov.stage": "stage1"})
+    params = {**compared_params(RESOLVED), "eval.judge.api_key": "sk-live-123"}
+    run_id = create_run(cfg, "job-1", params, "stage:\n  name: stage1\n", tags={"aov.stage": "stage1"})
     client = MlflowClient(cfg.uri)
     exp = client.get_experiment_by_name("exp-a")
+    assert exp.tags[EXPERIMENT_KIND_TAG] == TRAINING_KIND  # the UI opens it on training runs
     runs = client.search_runs([exp.experiment_id])
     assert [r.info.run_id for r in runs] == [run_id]
     run = runs[0]
     assert run.info.run_name == "job-1" and run.data.tags["aov.stage"] == "stage1"
-    params = run.data.params
-    assert params["stage.name"] == "stage1" and params["stage.lr.expert"] == "0.0001"
-    assert params["eval.judge.api_key"] == MASK and params["eval.judge.api_key_env"] == "AOV_JUDGE_API_KEY"
-    assert "sk-live-123" not in str(params)
+    assert run.data.params == {"stage.name": "stage1", "stage.lr.expert": "0.0001", "data.datasets": "",
+                               "eval.judge.api_key": MASK}
     local = client.download_artifacts(run_id, "config.yaml", str(tmp_path / "dl"))
     assert open(local).read() == "stage:\n  name: stage1\n"
 
 
+def test_an_existing_experiment_gets_the_training_kind_unless_it_has_one(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from aov_dist.tracking.mlflow_tracker import ensure_experiment
+
+    cfg = TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", artifact_location=str(tmp_path / "art"),
+                         experiment="old")
+    client = MlflowClient(cfg.uri)
+    old = client.create_experiment("old")
+    client.create_experiment("mine", tags={EXPERIMENT_KIND_TAG: "finetuning"})
+    assert ensure_experiment(client, cfg) == old
+    assert client.get_experiment(old).tags[EXPERIMENT_KIND_TAG] == TRAINING_KIND
+    cfg.experiment = "mine"
+    ensure_experiment(client, cfg)
+    assert client.get_experiment_by_name("mine").tags[EXPERIMENT_KIND_TAG] == "finetuning"
+
+
 def test_disabled_tracking_creates_nothing(tmp_path):
     cfg = TrackingConfig(enabled=False, uri=f"sqlite:///{tmp_path}/mlflow.db")
-    assert create_run(cfg, "job", RESOLVED, "") is None
+    assert create_run(cfg, "job", {}, "") is None
     assert not (tmp_path / "mlflow.db").exists()
     assert isinstance(make_tracker(cfg, "some-run", rank=0), NullTracker)
     on = TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", system_metrics=False)
@@ -115,12 +133,45 @@ def test_tracker_leaves_a_dead_server_alone_and_drops_overflow():
     assert [c[2][0][2] for c in client.calls] == [2, 3, 4]
 
 
+class _RestartingClient(_FlakyClient):
+    """Down until its ``attempts``-th call: a server that comes back after a restart."""
+
+    def __init__(self, attempts: int):
+        super().__init__()
+        self.down, self.attempts, self.tries = True, attempts, 0
+
+    def _call(self, *args):
+        self.tries += 1
+        self.down = self.tries < self.attempts
+        super()._call(*args)
+
+
+def test_the_end_of_a_job_waits_a_bounded_time_for_a_restarting_server(monkeypatch, caplog):
+    monkeypatch.setattr(logging.getLogger("aov_dist.tracking.mlflow_tracker"), "disabled", False)
+    monkeypatch.setattr("aov_dist.tracking.mlflow_tracker.CLOSE_RETRY_S", 0.01)
+    client = _RestartingClient(attempts=4)
+    t = MlflowTracker("http://unused", "run-1", client=client, retry_after_s=3600.0, close_wait_s=30.0)
+    for step in (1, 2):
+        t.log_metrics({"loss": float(step)}, step=step)
+    t.close()  # attempt 2 and 3 fail, the 4th finds the server back
+    assert [c[2][0][2] for c in client.calls] == [1, 2] and not t.pending
+    assert "retrying for up to 30 s" in caplog.text and "could not be sent" not in caplog.text
+
+    gone = _RestartingClient(attempts=10 ** 9)
+    t = MlflowTracker("http://unused", "run-1", client=gone, retry_after_s=3600.0, close_wait_s=0.2)
+    t.log_metrics({"loss": 1.0}, step=1)
+    t0 = time.monotonic()
+    t.close()
+    assert time.monotonic() - t0 < 5 and gone.tries > 2 and not gone.calls
+    assert "MLflow: 1 tracking calls could not be sent (server unreachable)" in caplog.text
+
+
 def test_unreachable_server_at_job_start_runs_untracked(monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     port = free_port()  # closed again: nobody listens there
     t0 = time.monotonic()
-    assert create_run(TrackingConfig(uri=f"http://127.0.0.1:{port}"), "job", RESOLVED, "") is None
+    assert create_run(TrackingConfig(uri=f"http://127.0.0.1:{port}"), "job", {}, "") is None
     assert time.monotonic() - t0 < 30  # a generous failsafe against a hang (no retries: about 1 s)
 
 

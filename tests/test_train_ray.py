@@ -52,6 +52,7 @@ def _expert_logits(hf_dir: str, image_paths: list[str]) -> torch.Tensor:
 def test_ray_job_mlflow_and_resume(tmp_path, synthetic_shards, ray_session):
     from mlflow.tracking import MlflowClient
 
+    from aov_dist.tracking.run_info import git_info, manifest_digest
     from aov_dist.train import checkpoint as ckpt
     from aov_dist.train.driver import main
     from aov_dist.train.export import cli as export_cli
@@ -73,8 +74,19 @@ def test_ray_job_mlflow_and_resume(tmp_path, synthetic_shards, ray_session):
     assert [r.info.run_id for r in runs] == [first.run_id]  # one run for the job, not one per worker
     run = runs[0]
     assert run.info.status == "FINISHED"
-    assert run.data.params["stage.name"] == "stage1" and run.data.params["deepspeed.zero_stage"] == "3"
-    assert run.data.params["cluster.workers_per_node"] == "2"
+    # what the runs table compares: name, flat params, the data read, the source version
+    assert run.info.run_name == "tiny/stage1/e2e"
+    params = run.data.params
+    assert params["stage.name"] == "stage1" and params["deepspeed.zero_stage"] == "3"
+    assert params["cluster.workers"] == "2" and params["stage.global_batch_size"] == "4"
+    assert params["data.datasets"] == "s:1"
+    (inp,) = run.inputs.dataset_inputs
+    assert (inp.dataset.name, inp.dataset.digest) == ("s", manifest_digest(synthetic_shards.manifest))
+    assert json.loads(inp.dataset.profile)["num_samples"] == synthetic_shards.manifest["totals"]["samples"]
+    assert json.loads(inp.dataset.source)["uri"] == str(manifest)
+    assert [(t.key, t.value) for t in inp.tags] == [("mlflow.data.context", "training")]
+    assert run.data.tags["mlflow.source.git.commit"] == git_info()["commit"]
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     history = client.get_metric_history(first.run_id, "loss")
     assert [m.step for m in history] == [1, 2, 3]
     assert [m.value for m in history] == pytest.approx(first.losses)

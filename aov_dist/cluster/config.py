@@ -64,7 +64,7 @@ class K8sConfig:
     # Non-secret endpoints given to every pod; None = AWS S3 / the in-namespace MLflow service.
     s3_endpoint_url: Optional[str] = None
     mlflow_tracking_uri: Optional[str] = None
-    # Must contain mlflow, psycopg2 and boto3 (k8s/docker/mlflow.Dockerfile).
+    # Must contain mlflow, psycopg (3) and boto3 (k8s/docker/mlflow.Dockerfile).
     mlflow_image: str = "aov-mlflow:3.17.2"
     mlflow_artifacts_destination: str = "s3://aov-mlflow/artifacts"
 

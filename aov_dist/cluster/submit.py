@@ -47,9 +47,13 @@ def is_secret_name(name: str) -> bool:
 
 
 def runtime_env(extra_env: Sequence[str] = (), environ: Optional[dict[str, str]] = None) -> dict:
-    """The job's runtime env: forwarded non-secret variables + --env KEY=VALUE, and upload excludes."""
+    """The job's runtime env: this checkout's git version (AOV_GIT_*), forwarded non-secret variables
+    + --env KEY=VALUE, and upload excludes."""
+    from aov_dist.tracking.run_info import git_env
+
     environ = os.environ if environ is None else environ
-    env = {k: environ[k] for k in FORWARD_ENV if environ.get(k)}
+    # the uploaded working directory has no .git: the runs' source tags come from here
+    env = {**git_env(), **{k: environ[k] for k in FORWARD_ENV if environ.get(k)}}
     for item in extra_env:
         if "=" not in item:
             raise SubmitError(f"--env {item!r}: expected KEY=VALUE")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
-from pathlib import Path
 from typing import Optional
 
 import hydra
@@ -52,16 +51,6 @@ def mlflow_client(tracking):
     return MlflowClient(tracking_uri=tracking.uri)
 
 
-def experiment_id(client, tracking) -> str:
-    exp = client.get_experiment_by_name(tracking.experiment)
-    if exp is not None:
-        return exp.experiment_id
-    location = tracking.artifact_location
-    if location and "://" not in location:
-        location = Path(location).resolve().as_uri()
-    return client.create_experiment(tracking.experiment, artifact_location=location)
-
-
 def run_once(app: EvalAppConfig) -> dict:
     from aov_dist.eval.checkpoints import resolve
     from aov_dist.eval.evaluate import evaluate, log_result
@@ -73,8 +62,10 @@ def run_once(app: EvalAppConfig) -> dict:
     result = evaluate(app.eval, checkpoint, app.cluster, tracking_uri=app.tracking.uri,
                       with_maps=app.eval.plots and app.tracking.enabled)
     if app.tracking.enabled:
+        from aov_dist.tracking.mlflow_tracker import ensure_experiment
+
         client = mlflow_client(app.tracking)
-        run = client.create_run(experiment_id(client, app.tracking),
+        run = client.create_run(ensure_experiment(client, app.tracking),
                                 run_name=app.tracking.run_name or "eval",
                                 tags={"aov.kind": "evaluation"})
         rid = run.info.run_id

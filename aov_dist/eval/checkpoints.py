@@ -49,11 +49,13 @@ def resolve(uri: Optional[str], checkpoint_root: str) -> str:
 
 
 def _hf_dir(local: str, original: str) -> str:
-    if os.path.isfile(os.path.join(local, HF_DIR, "config.json")):
-        return os.path.join(local, HF_DIR)
-    if os.path.isfile(os.path.join(local, "config.json")):
-        return local
-    raise CheckpointError(f"checkpoint {original!r} holds no HF model (no config.json in it or in {HF_DIR}/)")
+    # a checkpoint's hf/ folder, a bare HF folder, or a registered model (the pyfunc keeps the HF
+    # folder among its artifacts: tracking/model_registry.py)
+    for sub in (HF_DIR, "", os.path.join("artifacts", HF_DIR)):
+        if os.path.isfile(os.path.join(local, sub, "config.json")):
+            return os.path.join(local, sub) if sub else local
+    raise CheckpointError(f"checkpoint {original!r} holds no HF model (no config.json in it, in {HF_DIR}/ "
+                          f"or in a registered model's artifacts/{HF_DIR}/)")
 
 
 def materialize(uri: str, cache_dir: Optional[str] = None) -> str:

@@ -20,6 +20,9 @@ from aov_dist.eval.predictor import Backend, anomaly_ov_factory
 from aov_dist.eval.runner import WorkerPool, run_distributed
 
 log = logging.getLogger(__name__)
+# The headline figures of an evaluation (its run), and one row per evaluated checkpoint (the
+# training run's table: the watcher appends to it).
+SUMMARY_TABLE = "eval/summary.json"
 
 
 @dataclass
@@ -34,6 +37,10 @@ class EvalResult:
 
     def flat_metrics(self, prefix: str = "eval") -> dict[str, float]:
         return flatten(self.metrics, prefix)
+
+    def summary(self) -> dict[str, float]:
+        """The headline figures (no per-class breakdown): one row of the summary tables."""
+        return {k: v for k, v in self.flat_metrics().items() if "/per_class/" not in k}
 
 
 def score_detection(rows: list[dict]) -> dict[str, Any]:
@@ -215,6 +222,8 @@ def log_result(client, run_id: str, result: EvalResult, step: Optional[int] = No
     flat = result.flat_metrics()
     for k, v in sorted(flat.items()):
         client.log_metric(run_id, k, v, step=step or 0)
+    summary = result.summary()
+    client.log_table(run_id, {"metric": list(summary), "value": list(summary.values())}, SUMMARY_TABLE)
     if result.detection_rows:
         client.log_table(run_id, _columns(result.detection_rows), "eval/detection_samples.json")
     if result.reasoning_rows:

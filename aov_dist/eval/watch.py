@@ -9,7 +9,8 @@ Protocol (tags on the TRAINING run):
 Metrics go to the training run at the checkpoint's step (``eval/...`` names) and to an evaluation
 run in the same experiment, nested under the training run (``mlflow.parentRunId``) and linked by
 ``aov.eval.source_run`` / ``aov.eval.step``; the per-sample tables and the pictures (ROC curve,
-confusion matrix, anomaly maps) are artifacts of that run.
+confusion matrix, anomaly maps) are artifacts of that run. Both runs get an ``eval/summary.json``
+table: the evaluation's headline figures, and on the training run one row per checkpoint.
 
 Restart safety: a ``running`` tag left by a watcher that died is resolved on the next scan: if its
 evaluation run finished, the step is marked done without re-evaluation; otherwise the attempt counts
@@ -23,9 +24,11 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from aov_dist.eval.checkpoints import is_mlflow_uri
-from aov_dist.eval.evaluate import EvalResult, log_result
+from mlflow.entities import Metric
+
+from aov_dist.eval.evaluate import SUMMARY_TABLE, EvalResult, log_result
 from aov_dist.tracking.mlflow_tracker import CHECKPOINT_TAG as CKPT_TAG
-from aov_dist.tracking.mlflow_tracker import EVAL_TAG, SOURCE_TAG
+from aov_dist.tracking.mlflow_tracker import EVAL_TAG, MAX_BATCH_METRICS, SOURCE_TAG
 from aov_dist.train.checkpoint import COMMIT_MARKER, is_committed
 
 log = logging.getLogger(__name__)
@@ -126,8 +129,12 @@ class Watcher:
         try:
             result = self.evaluate_fn(uri)
             log_result(self.client, eval_id, result, step=step, pictures=self.pictures)
-            for k, v in sorted(result.flat_metrics().items()):
-                self.client.log_metric(run_id, k, v, step=step)
+            now = int(time.time() * 1000)
+            metrics = [Metric(k, float(v), now, step) for k, v in sorted(result.flat_metrics().items())]
+            for i in range(0, len(metrics), MAX_BATCH_METRICS):
+                self.client.log_batch(run_id, metrics=metrics[i:i + MAX_BATCH_METRICS])
+            row = {"step": step, "checkpoint": uri, "eval_run": eval_id, **result.summary()}
+            self.client.log_table(run_id, {k: [v] for k, v in row.items()}, SUMMARY_TABLE)
         except Exception as e:  # recorded, retried on a later scan; the watcher keeps going
             log.exception("run %s step %d: evaluation failed", run_id, step)
             self.client.set_terminated(eval_id, "FAILED")

@@ -19,10 +19,11 @@ import os
 import tempfile
 import threading
 import time
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 from aov_dist.tracking.config import TrackingConfig
-from aov_dist.tracking.redact import flatten, redact
+from aov_dist.tracking.redact import redact
+from aov_dist.tracking.run_info import EXPERIMENT_KIND_TAG, TRAINING_KIND
 
 log = logging.getLogger(__name__)
 # Tags on a training run: aov.checkpoint.<step> = the committed step folder (training writes it),
@@ -34,6 +35,7 @@ SOURCE_TAG = "aov.eval.source_run"
 MAX_PARAM_LEN = 6000
 
 
+CLOSE_RETRY_S = 5.0  # between attempts to send the buffer at the end of a job
 MetricRow = tuple[Mapping[str, float], int, int]  # (metrics, step, timestamp in ms)
 MAX_BATCH_METRICS = 1000  # MLflow's limit of metrics per log_batch request
 
@@ -71,8 +73,9 @@ def _client(uri: str):
 
 class MlflowTracker(Tracker):
     def __init__(self, uri: str, run_id: str, retry_after_s: float = 30.0, max_buffer: int = 10000,
-                 client: Any = None):
+                 client: Any = None, close_wait_s: float = 0.0):
         self.uri, self.run_id = uri, run_id
+        self.close_wait_s = close_wait_s
         self.client = client or _client(uri)
         self.retry_after_s = retry_after_s
         self.pending: collections.deque[tuple[str, Callable[[], None]]] = collections.deque(maxlen=max_buffer)
@@ -126,7 +129,17 @@ class MlflowTracker(Tracker):
         self._submit("log_artifact", lambda: self.client.log_artifact(self.run_id, local_path, artifact_path))
 
     def close(self) -> None:
-        if not self.flush(force=True):
+        """Send what is buffered. A server that is down at the end of a job (restarting, say) gets
+        ``close_wait_s`` to come back before the buffered calls are given up, with a warning."""
+        deadline = time.monotonic() + self.close_wait_s
+        sent = self.flush(force=True)
+        if not sent and self.close_wait_s > 0:
+            log.warning("MLflow: %d tracking calls not sent yet (server unreachable); retrying for up to %.0f s",
+                        len(self.pending), self.close_wait_s)
+        while not sent and time.monotonic() < deadline:
+            time.sleep(min(CLOSE_RETRY_S, max(0.0, deadline - time.monotonic())))
+            sent = self.flush(force=True)
+        if not sent:
             log.warning("MLflow: %d tracking calls could not be sent (server unreachable)", len(self.pending))
         if self.dropped:
             log.warning("MLflow: %d tracking calls were dropped (buffer full)", self.dropped)
@@ -264,46 +277,59 @@ def text_reporter(cfg: TrackingConfig, run_id: Optional[str]) -> Optional[Callab
 def make_tracker(cfg: TrackingConfig, run_id: Optional[str], rank: int, background: bool = True) -> Tracker:
     if not cfg.enabled or run_id is None or rank != 0:
         return NullTracker()
-    inner = MlflowTracker(cfg.uri, run_id)
+    inner = MlflowTracker(cfg.uri, run_id, close_wait_s=cfg.close_wait_s)
     return BackgroundTracker(inner) if background else inner
 
 
-def create_run(cfg: TrackingConfig, run_name: str, resolved: Mapping[str, Any], resolved_yaml: str,
-               tags: Optional[Mapping[str, str]] = None) -> Optional[str]:
-    """Driver only: one run per job, with the redacted flattened config as params and the resolved
-    (redacted) YAML as an artifact. Returns the run id; None when tracking is disabled or the
-    server cannot be reached (training then runs untracked, with a warning)."""
+def create_run(cfg: TrackingConfig, run_name: str, params: Mapping[str, Any], config_yaml: str,
+               tags: Optional[Mapping[str, str]] = None, datasets: Sequence[Any] = ()) -> Optional[str]:
+    """Driver only: one run per job, with ``params`` (flat, redacted), the resolved (redacted) YAML
+    as the ``config.yaml`` artifact and ``datasets`` (MLflow DatasetInputs) as its inputs. Returns
+    the run id; None when tracking is disabled or the server cannot be reached (training then runs
+    untracked, with a warning)."""
     if not cfg.enabled:
         return None
     try:
-        return _create_run(cfg, run_name, resolved, resolved_yaml, tags)
+        return _create_run(cfg, run_name, params, config_yaml, tags, datasets)
     except Exception as e:
         log.warning("MLflow at %s unreachable (%s): this job runs without tracking", cfg.uri, e)
         return None
 
 
-def _create_run(cfg: TrackingConfig, run_name: str, resolved: Mapping[str, Any], resolved_yaml: str,
-                tags: Optional[Mapping[str, str]]) -> str:
-    from mlflow.entities import Param
-
-    client = _client(cfg.uri)
+def ensure_experiment(client: Any, cfg: TrackingConfig) -> str:
+    """The id of ``cfg.experiment``, created when missing (artifacts under ``cfg.artifact_location``),
+    marked as a model-training experiment unless someone gave it another kind."""
     exp = client.get_experiment_by_name(cfg.experiment)
     if exp is None:
         location = cfg.artifact_location
         if location and "://" not in location:
-            location = os.path.abspath(location)
-        exp_id = client.create_experiment(cfg.experiment, artifact_location=location or None)
-    else:
-        exp_id = exp.experiment_id
-    run = client.create_run(exp_id, run_name=cfg.run_name or run_name, tags=dict(tags or {}))
-    safe = redact(dict(resolved))
-    params = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in sorted(flatten(safe).items())]
-    for i in range(0, len(params), 100):
-        client.log_batch(run.info.run_id, params=params[i:i + 100])
+            # a folder only means something beside a local store: a tracking server keeps artifacts
+            # where it was told to (--artifacts-destination), reachable from every node
+            location = None if cfg.uri.startswith(("http://", "https://")) else os.path.abspath(location)
+        return client.create_experiment(cfg.experiment, artifact_location=location or None,
+                                        tags={EXPERIMENT_KIND_TAG: TRAINING_KIND})
+    if EXPERIMENT_KIND_TAG not in exp.tags:
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
+    return exp.experiment_id
+
+
+def _create_run(cfg: TrackingConfig, run_name: str, params: Mapping[str, Any], config_yaml: str,
+                tags: Optional[Mapping[str, str]], datasets: Sequence[Any]) -> str:
+    from mlflow.entities import Param
+
+    client = _client(cfg.uri)
+    run = client.create_run(ensure_experiment(client, cfg), run_name=cfg.run_name or run_name,
+                            tags=dict(tags or {}))
+    safe = redact(dict(params))
+    batch = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in sorted(safe.items())]
+    for i in range(0, len(batch), 100):
+        client.log_batch(run.info.run_id, params=batch[i:i + 100])
+    if datasets:
+        client.log_inputs(run.info.run_id, datasets=list(datasets))
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "config.yaml")
         with open(path, "w") as f:
-            f.write(resolved_yaml)
+            f.write(config_yaml)
         client.log_artifact(run.info.run_id, path)
     return run.info.run_id
 

@@ -96,6 +96,7 @@ def _absolutize(c: TrainJobConfig) -> None:
 def main(cfg: DictConfig | TrainJobConfig | dict[str, Any], show_progress: bool = True) -> TrainResult:
     """Run one training job. Callable from Python (tests) and from the Hydra app."""
     from aov_dist.cluster.config import deepspeed_accelerator
+    from aov_dist.tracking import run_info
     from aov_dist.tracking.mlflow_tracker import create_run, finish_run
     from aov_dist.tracking.redact import redact
 
@@ -107,8 +108,9 @@ def main(cfg: DictConfig | TrainJobConfig | dict[str, Any], show_progress: bool 
         ckpt.check_resume(c, c.train.resume_from)  # a mismatch is named before anything starts
     container = OmegaConf.to_container(OmegaConf.structured(c), resolve=True)
     safe_yaml = OmegaConf.to_yaml(OmegaConf.create(redact(container)))
-    run_id = create_run(c.tracking, c.train.run_name, container, safe_yaml,
-                        tags={"aov.stage": c.stage.name, "aov.run_dir": ckpt.run_dir(c.train.storage_path, c.train.run_name)})
+    run_id = create_run(c.tracking, run_info.run_display_name(c.model.preset, c.stage.name, c.train.run_name),
+                        run_info.compared_params(container), safe_yaml, tags=_run_tags(c),
+                        datasets=run_info.dataset_inputs(c.data.datasets, "training", c.data.s3_endpoint_url))
     status = "FAILED"
     try:
         result = _fit(c, container, run_id, show_progress)
@@ -117,6 +119,16 @@ def main(cfg: DictConfig | TrainJobConfig | dict[str, Any], show_progress: bool 
         return result
     finally:
         finish_run(c.tracking, run_id, status)
+
+
+def _run_tags(c: TrainJobConfig) -> dict[str, str]:
+    from aov_dist.tracking.run_info import source_tags
+
+    note = (f"{c.stage.name} of {c.model.preset} on {', '.join(d.name for d in c.data.datasets)}: "
+            f"{c.cluster.num_workers} workers, ZeRO-{c.deepspeed.zero_stage}, global batch "
+            f"{c.stage.global_batch_size}; checkpoints in {ckpt.run_dir(c.train.storage_path, c.train.run_name)}")
+    return {**source_tags("aov_dist.train"), "aov.stage": c.stage.name, "aov.model": c.model.preset,
+            "aov.run_dir": ckpt.run_dir(c.train.storage_path, c.train.run_name), "mlflow.note.content": note}
 
 
 def _fit(c: TrainJobConfig, container: dict, run_id: Optional[str], show_progress: bool) -> TrainResult:

@@ -140,6 +140,8 @@ def _run(cfg: TrainJobConfig, rank: int, world: int, run_id, on_step, on_checkpo
             on_end(strategy, processor)
     finally:
         stop_node_monitor(monitor)
+        # bounded on its own (tracking.close_wait_s for a restarting server): not a stall
+        watch.stop()
         tracker.close()  # also after a failure: what was logged up to it reaches the run
     result.skipped = dict(loader.skipped)
     return result
