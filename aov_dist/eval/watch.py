@@ -23,9 +23,9 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from aov_dist.eval.checkpoints import is_mlflow_uri
 from mlflow.entities import Metric
 
+from aov_dist.eval.checkpoints import is_mlflow_uri
 from aov_dist.eval.evaluate import SUMMARY_TABLE, EvalResult, log_result
 from aov_dist.tracking.mlflow_tracker import CHECKPOINT_TAG as CKPT_TAG
 from aov_dist.tracking.mlflow_tracker import EVAL_TAG, MAX_BATCH_METRICS, SOURCE_TAG
