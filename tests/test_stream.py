@@ -180,6 +180,29 @@ def test_states_inside_a_global_batch_or_of_an_older_format_are_refused(shards) 
         build_loader(cfg, 0, 2, global_batch_size=12, state={"version": 1, "world_size": 2})
 
 
+def test_a_state_taken_on_an_epochs_last_step_leaves_the_open_epoch_alone(shards) -> None:
+    """The training loop checkpoints after the step that ends an epoch while that epoch's iterator
+    is still open (it ends on the next read): the state is the next epoch's start, and both the
+    open epoch and the next one run on exactly as without the checkpoint."""
+    cfg = cfg_for(shards["good"], micro_batch_size=1, num_workers=0, block_size=4)
+    plain = build_loader(cfg, 0, 2, transform=ids_of, global_batch_size=12)
+    want = rank_batches(plain, 2)
+    loader = build_loader(cfg, 0, 2, transform=ids_of, global_batch_size=12)
+    batches, got = iter(loader), []
+    for _ in range(loader.batches_per_epoch):
+        got.append(list(next(batches)))
+    state = loader.state_dict()
+    assert (state["epoch"], state["global_batches_done"]) == (1, 0)
+    assert loader.epoch == 0  # taking the state changed nothing
+    with pytest.raises(StopIteration):
+        next(batches)
+    assert loader.epoch == 1
+    got += rank_batches(loader, 2)
+    assert got == want
+    resumed = build_loader(cfg, 0, 2, transform=ids_of, global_batch_size=12, state=state)
+    assert rank_batches(resumed, 2) == want[loader.batches_per_epoch:]
+
+
 def test_reads_stay_shard_local(shards) -> None:
     """Each lane walks its own contiguous range of the block order: a rank opens a shard once per
     block of its lanes' ranges at most (fewer when the next block continues the same shard), never

@@ -107,3 +107,17 @@ def test_zero3_with_cpu_offload_trains_like_zero3_and_resumes_exactly(runs):
     assert resumed[0]["resumed_from"] == step2
     assert resumed[0]["losses"] == pytest.approx(offload[0]["losses"], rel=1e-6)
     assert_states_close(hf_state(_final(resumed)), hf_state(_final(offload)), rtol=1e-6, atol=1e-8)
+
+
+def test_a_checkpoint_on_an_epochs_last_step_trains_on_and_resumes_into_the_next_epoch(runs):
+    """Epochs of 2 steps (16 samples, global batch 8) and a checkpoint every 2 steps: each one is
+    taken while the epoch's iterator is still open. Training goes on into the next epoch, and a job
+    resumed from the epoch-end checkpoint continues exactly as the uninterrupted one."""
+    epoch = ("data.samples_per_epoch=16",)
+    full = runs("epoch_full", world=2, zero=3, extra=epoch)
+    assert full[0]["step"] == STEPS and [Path(c).name for c in full[0]["checkpoints"]] == ["step_2", "step_4"]
+    storage = runs.root / "epoch_resume"
+    first = runs("epoch_k", world=2, zero=3, steps=2, storage=storage, run_name="e", extra=epoch)
+    second = runs("epoch_n", world=2, zero=3, storage=storage, run_name="e", extra=epoch)
+    assert second[0]["resumed_from"] == _final(first)
+    assert second[0]["losses"] == pytest.approx(full[0]["losses"], rel=1e-5)

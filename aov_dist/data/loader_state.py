@@ -37,10 +37,10 @@ def order_settings(loader: Any) -> dict:
     }
 
 
-def state_of(loader: Any, global_batches_done: int) -> dict:
+def state_of(loader: Any, epoch: int, global_batches_done: int) -> dict:
     return {
         "version": STATE_VERSION,
-        "epoch": loader.epoch,
+        "epoch": epoch,
         "global_batches_done": global_batches_done,
         "global_batches_per_epoch": loader.settings.plan.global_batches,
         **order_settings(loader),

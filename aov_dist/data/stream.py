@@ -198,11 +198,15 @@ class ResumableLoader:
         self._roll_epoch()
 
     def state_dict(self) -> dict:
-        self._roll_epoch()
-        if self.batches_done % self.accum:
-            raise ValueError(f"rank {self.rank}: state_dict() after {self.batches_done} micro-batches, "
+        # Read-only: a checkpoint taken on an epoch's last step happens while ``__iter__`` of that
+        # epoch is still open; rolling the epoch here would make it check the next one's count.
+        epoch, done = self.epoch, self.batches_done
+        if done >= self.batches_per_epoch:  # the epoch is over: the state is the next one's start
+            epoch, done = epoch + 1, 0
+        if done % self.accum:
+            raise ValueError(f"rank {self.rank}: state_dict() after {done} micro-batches, "
                              f"inside a global batch of {self.accum}: take it after an optimizer step")
-        return state_of(self, self.batches_done // self.accum)
+        return state_of(self, epoch, done // self.accum)
 
     def load_state_dict(self, state: dict) -> None:
         check_state(self, state)
