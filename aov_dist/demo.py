@@ -11,7 +11,6 @@ import argparse
 import dataclasses
 import logging
 import os
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -30,6 +29,8 @@ class StageSummary:
     checkpoints: list[str]
     losses: list[float]
     eval: dict[int, dict[str, Any]] = field(default_factory=dict)  # step -> flat eval metrics
+    # the last checkpoint's reasoning answers about two held-out images (sample_answers)
+    answers: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -44,6 +45,10 @@ class DemoSummary:
 
 def _say(msg: str) -> None:
     print(msg, flush=True)
+
+
+def _phase(t0: float, msg: str) -> None:
+    _say(f"{msg}   (at {(time.time() - t0) / 60:.1f} min)")
 
 
 def ensure_data(data_dir: str, synth: dict[str, Any]) -> str:
@@ -92,15 +97,49 @@ def _compose(overrides: list[str]):
         return compose(config_name="config", overrides=overrides)
 
 
-def _eval_cfg(benchmark: str, limit: Optional[int], workers: int, tasks: list[str]):
-    from aov_dist.eval.config import EvalConfig
+def _eval_cfg(benchmark: str, limit: Optional[int], reasoning_limit: Optional[int], workers: int,
+              tasks: list[str], judge=None):
+    from aov_dist.eval.config import EvalConfig, JudgeConfig
 
-    return EvalConfig(benchmark=benchmark, num_workers=workers, limit=limit, tasks=list(tasks))
+    return EvalConfig(benchmark=benchmark, num_workers=workers, limit=limit, reasoning_limit=reasoning_limit,
+                      tasks=list(tasks), judge=judge or JudgeConfig())
+
+
+def described_facts(rows: list[dict], records: list[dict]) -> dict[str, float]:
+    """How often the first answer about an image states its ground truth (synth_text's templates):
+    the Yes/No it leads with and the object, over every image; the defect kind and its place in
+    the object, over the anomalous ones. ROUGE-L rewards the template; these say what was read."""
+    from aov_dist.data.synth_text import read_description
+
+    hits: dict[str, list[bool]] = {"answer": [], "object": [], "defect": [], "place": []}
+    for row in rows:
+        if row["turn"] != 0:
+            continue
+        truth, said = records[row["index"]], read_description(row["reply"])
+        hits["answer"].append(said["anomalous"] == ("yes" if truth["defect"] else "no"))
+        hits["object"].append(said["cls"] == truth["class"])
+        if truth["defect"]:
+            hits["defect"].append(said["defect"] == truth["defect"])
+            hits["place"].append(said["location"] == truth["location"])
+    return {k: sum(v) / len(v) for k, v in hits.items() if v}
+
+
+def evaluate_with_facts(eval_cfg, checkpoint: str, cluster, **kw):
+    """``evaluate`` plus the metrics group ``facts`` (described_facts) when reasoning was scored;
+    the watcher logs them with the rest (eval/facts/...)."""
+    import json
+
+    from aov_dist.eval.evaluate import evaluate
+
+    result = evaluate(eval_cfg, checkpoint, cluster, **kw)
+    if result.reasoning_rows:
+        with open(os.path.join(eval_cfg.benchmark, eval_cfg.reasoning_file)) as f:
+            result.metrics["facts"] = described_facts(result.reasoning_rows, json.load(f))
+    return result
 
 
 def untrained_baseline(common: list[str], out_dir: str, eval_cfg) -> dict[str, Any]:
     """The random-init tiny model, evaluated the same way (what 'learning' is measured against)."""
-    from aov_dist.eval.evaluate import evaluate
     from aov_dist.model import build_model
     from aov_dist.config import validate
 
@@ -110,7 +149,7 @@ def untrained_baseline(common: list[str], out_dir: str, eval_cfg) -> dict[str, A
         model, processor = build_model(c.model)
         model.save_pretrained(path)
         processor.save_pretrained(path)
-    return evaluate(eval_cfg, path, c.cluster).flat_metrics()
+    return evaluate_with_facts(eval_cfg, path, c.cluster).flat_metrics()
 
 
 def train_stage(overrides: list[str]):
@@ -119,30 +158,50 @@ def train_stage(overrides: list[str]):
     return main(_compose(overrides))
 
 
-def evaluate_run(run_id: str, tracking_uri: str, eval_cfg, cluster, pool=None) -> dict[int, dict[str, Any]]:
+def sample_answers(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every turn about the first image whose reference names a defect and about the first normal one."""
+    first = {}
+    for r in rows:
+        if r["turn"] == 0:
+            first.setdefault(r["reference"].startswith("Yes"), r["index"])
+    return [r for r in rows if r["index"] in first.values()]
+
+
+def evaluate_run(run_id: str, tracking_uri: str, eval_cfg, cluster, pool=None
+                 ) -> tuple[dict[int, dict[str, Any]], list[dict[str, Any]]]:
     """The evaluation watcher's scan over one training run: each committed checkpoint once, its
-    metrics logged into the training run at the checkpoint's step."""
+    metrics logged into the training run at the checkpoint's step. Returns the metrics by step
+    and the last checkpoint's sample answers."""
     from mlflow.tracking import MlflowClient
 
-    from aov_dist.eval.evaluate import evaluate
     from aov_dist.eval.watch import Watcher
 
     client = MlflowClient(tracking_uri=tracking_uri)
     scores: dict[int, dict[str, Any]] = {}
+    answers: dict[int, list[dict[str, Any]]] = {}
 
     def evaluate_fn(uri: str):
-        result = evaluate(eval_cfg, uri, cluster, tracking_uri=tracking_uri, pool=pool)
-        scores[int(uri.rstrip("/").rsplit("_", 1)[-1])] = result.flat_metrics()
+        result = evaluate_with_facts(eval_cfg, uri, cluster, tracking_uri=tracking_uri, pool=pool)
+        step = int(uri.rstrip("/").rsplit("_", 1)[-1])
+        scores[step], answers[step] = result.flat_metrics(), sample_answers(result.reasoning_rows)
         return result
 
     Watcher(client, evaluate_fn).scan_once(run_id=run_id)
-    return scores
+    return scores, answers[max(answers)] if answers else []
 
 
 def run_demo(size: str = "full", out_dir: str = "demo_out", data_dir: str = "data_shards/synthetic",
-             tracking_uri: Optional[str] = None, eval_workers: int = 2) -> DemoSummary:
+             tracking_uri: Optional[str] = None, eval_workers: int = 2, judge=None,
+             seed: Optional[int] = None) -> DemoSummary:
+    """``judge``: an eval JudgeConfig for GPT-Score (None: no judge, GPT-Score is left out).
+    ``seed``: every seed of the run (synthetic data, model init, data order, training) instead of
+    conf/demo.yaml's; the way to check that the figures do not hang on one lucky draw."""
     t0 = time.time()
     spec = OmegaConf.to_container(OmegaConf.load(os.path.join(CONF_DIR, "demo.yaml")))[size]
+    if seed is not None:
+        spec["synth"]["seed"] = seed
+        spec["common"] = [*spec.get("common", []), f"train.seed={seed}", f"data.seed={seed}",
+                          f"model.init_seed={seed}"]
     out_dir = os.path.abspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     tracking_uri = tracking_uri or f"sqlite:///{os.path.join(out_dir, 'mlflow.db')}"
@@ -153,9 +212,9 @@ def run_demo(size: str = "full", out_dir: str = "demo_out", data_dir: str = "dat
               f"train.storage_path={os.path.join(out_dir, 'runs')}", f"tracking.uri={tracking_uri}",
               f"tracking.artifact_location={os.path.join(out_dir, 'mlartifacts')}", "tracking.experiment=aov-demo",
               *spec.get("common", [])]
-    # the untrained model and stage-1 checkpoints (LLM not trained yet) are scored on detection only
     tasks = spec["eval_tasks"]
-    eval_cfgs = {phase: _eval_cfg(benchmark, spec["eval_limit"], eval_workers, tasks[phase])
+    eval_cfgs = {phase: _eval_cfg(benchmark, spec["eval_limit"], spec["reasoning_limit"][phase], eval_workers,
+                                  tasks[phase], judge)
                  for phase in ("untrained", "stage1", "stage2")}
     from aov_dist.config import validate
     from aov_dist.train.driver import init_ray
@@ -164,14 +223,14 @@ def run_demo(size: str = "full", out_dir: str = "demo_out", data_dir: str = "dat
     cluster = job.cluster
     init_ray(job)  # one quiet local Ray instance for training and evaluation workers alike
 
-    _say("[2/5] untrained model on the benchmark (the baseline)")
+    _phase(t0, "[2/5] untrained model on the benchmark (the baseline)")
     untrained = untrained_baseline(common, out_dir, eval_cfgs["untrained"])
-    _say("[3/5] stage 1: the anomaly expert (Ray Train, 2 workers, DeepSpeed ZeRO-3)")
+    _phase(t0, "[3/5] stage 1: the anomaly expert (Ray Train, 2 workers, DeepSpeed ZeRO-3)")
     s1 = train_stage(common + ["stage=stage1", f"train.run_name=demo-{stamp}-stage1"] + spec["stage1"])
-    _say("[4/5] stage 2: projector + LLM, starting from stage 1")
+    _phase(t0, "[4/5] stage 2: projector + LLM, starting from stage 1")
     s2 = train_stage(common + ["stage=stage2", f"train.run_name=demo-{stamp}-stage2",
                                f"stage.init_from={s1.latest_checkpoint}"] + spec["stage2"])
-    _say("[5/5] evaluation of every checkpoint on Ray workers (logged at the checkpoint steps)")
+    _phase(t0, "[5/5] evaluation of every checkpoint on Ray workers (logged at the checkpoint steps)")
     from aov_dist.eval.runner import WorkerPool
 
     # one pool of eval workers loads checkpoint after checkpoint (training is over: its CPUs are free)
@@ -180,8 +239,8 @@ def run_demo(size: str = "full", out_dir: str = "demo_out", data_dir: str = "dat
         evals2 = evaluate_run(s2.run_id, tracking_uri, eval_cfgs["stage2"], cluster, pool)
     summary = DemoSummary(
         untrained=untrained,
-        stage1=StageSummary(s1.run_id, s1.checkpoints, s1.losses, evals1),
-        stage2=StageSummary(s2.run_id, s2.checkpoints, s2.losses, evals2),
+        stage1=StageSummary(s1.run_id, s1.checkpoints, s1.losses, *evals1),
+        stage2=StageSummary(s2.run_id, s2.checkpoints, s2.losses, *evals2),
         out_dir=out_dir, tracking_uri=tracking_uri, seconds=time.time() - t0)
     print_summary(summary)
     return summary
@@ -193,25 +252,53 @@ def _last(evals: dict[int, dict[str, Any]]) -> dict[str, Any]:
 
 DET_ACC = "eval/detection/class_mean/accuracy"
 AUROC = "eval/detection/overall/auroc"  # image-level, over the whole benchmark
+ROUGE_L = "eval/reasoning/all/rouge_l"
+SBERT = "eval/reasoning/all/sbert"
+GPT_SCORE = "eval/reasoning/all/gpt_score"
+OBJECT_NAMED = "eval/facts/object"
+DEFECT_NAMED = "eval/facts/defect"
+PLACE_NAMED = "eval/facts/place"
+# (column, metric, digits) of the summary table; GPT-Score only when a judge scored the answers
+SUMMARY_COLUMNS = (("detection acc", DET_ACC, 3), ("expert AUROC", AUROC, 3), ("ROUGE-L", ROUGE_L, 3),
+                   ("SBERT", SBERT, 3), ("GPT-Score", GPT_SCORE, 2), ("object named", OBJECT_NAMED, 2),
+                   ("defect named", DEFECT_NAMED, 2),
+                   ("place named", PLACE_NAMED, 2))
+
+
+def summary_rows(s: DemoSummary) -> tuple[list[str], list[list[str]]]:
+    """The summary table's header and rows: untrained, after stage 1, after stage 2 (last checkpoints)."""
+    phases = (("untrained (random init)", s.untrained), ("after stage 1 (expert)", _last(s.stage1.eval)),
+              ("after stage 2 (LLM)", _last(s.stage2.eval)))
+    cols = [c for c in SUMMARY_COLUMNS if c[1] != GPT_SCORE or any(GPT_SCORE in m for _, m in phases)]
+
+    def f(v: Optional[float], digits: int) -> str:
+        return "-" if v is None else f"{v:.{digits}f}"
+
+    return ["model", *(c[0] for c in cols)], [[name, *(f(m.get(key), d) for _, key, d in cols)]
+                                               for name, m in phases]
 
 
 def print_summary(s: DemoSummary) -> None:
-    s1, s2 = _last(s.stage1.eval), _last(s.stage2.eval)
-
     from aov_dist.eval.report import text_table
 
-    def f(v):
-        return "-" if v is None else f"{v:.3f}"
-
-    rows = [[name, f(m.get(DET_ACC)), f(m.get(AUROC))] for name, m in
-            (("untrained (random init)", s.untrained), ("after stage 1 (expert)", s1), ("after stage 2 (LLM)", s2))]
-    _say("\n" + text_table("aov-dist demo: summary", ["model", "detection acc", "expert AUROC"], rows))
-    _say("(detection accuracy: per-class mean, the paper's protocol; chance is 0.5)")
+    header, rows = summary_rows(s)
+    _say("\n" + text_table("aov-dist demo: summary", header, rows, width=140))
+    _say("(detection accuracy: per-class mean, the paper's protocol; chance is 0.5. Reasoning, over the "
+         "held-out images: ROUGE-L and SBERT against the reference answers; object / defect / place named: how "
+         "often the first answer names the right object (chance 1/6), defect kind (chance 1/6) and its cell of "
+         "a 3x3 grid over the object (chance 1/9))")
+    if "GPT-Score" not in header:
+        _say("(GPT-Score: no judge configured; pass --judge-url to score the answers with an LLM judge)")
+    if s.stage2.answers:
+        _say("\nthe stage-2 model's answers about two held-out images (its own earlier answers form the history):")
+        for r in s.stage2.answers:
+            head = f"  [{r['class']} #{r['index']}] " if r["turn"] == 0 else "    "
+            _say(f"{head}Q: {r['question']}\n      reference: {r['reference']}\n      model:     {r['reply']}")
     _say(f"stage 1 loss {s.stage1.losses[0]:.3f} -> {s.stage1.losses[-1]:.3f}; "
          f"stage 2 loss {s.stage2.losses[0]:.3f} -> {s.stage2.losses[-1]:.3f}")
     _say(f"MLflow runs: stage 1 {s.stage1.run_id}, stage 2 {s.stage2.run_id} in {s.tracking_uri}")
     _say(f"checkpoints: {os.path.join(s.out_dir, 'runs')}")
-    _say(f"worker logs (Ray, DeepSpeed): /tmp/ray/session_latest/logs")
+    _say("worker logs (Ray, DeepSpeed): /tmp/ray/session_latest/logs")
     _say(f"open the MLflow UI: make mlflow-ui   (then {_runs_url(s)})")
     _say(f"total {s.seconds / 60:.1f} min")
 
@@ -234,6 +321,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--out", default="demo_out")
     p.add_argument("--data", default="data_shards/synthetic")
     p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--judge-url", default=None,
+                   help="OpenAI-compatible endpoint (.../v1) of an LLM judge for GPT-Score; its API key is read "
+                        "from $AOV_JUDGE_API_KEY")
+    p.add_argument("--judge-model", default="gpt-4o")
+    p.add_argument("--seed", type=int, default=None,
+                   help="every seed of the run (data, init, order, training); use another --data folder")
     args = p.parse_args(argv)
     # library chatter (weight-loading bars, advisory warnings) stays out of the demo's output;
     # set before Ray starts so every worker inherits it
@@ -249,7 +342,10 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # table creation, model registration notes
     warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\.")
-    run_demo(args.size, args.out, args.data, args.tracking_uri)
+    from aov_dist.eval.config import JudgeConfig
+
+    judge = JudgeConfig(base_url=args.judge_url, model=args.judge_model) if args.judge_url else None
+    run_demo(args.size, args.out, args.data, args.tracking_uri, judge=judge, seed=args.seed)
 
 
 if __name__ == "__main__":

@@ -137,16 +137,24 @@ class ReducedDemo:
 @pytest.fixture(scope="session")
 def reduced_demo(tmp_path_factory) -> ReducedDemo:
     """The demo pipeline at its reduced size (conf/demo.yaml), run once per session: its MLflow
-    store (both stages, their evaluations) is read by the demo test and the MLflow UI test."""
+    store (both stages, their evaluations) is read by the demo test and the MLflow UI test. GPT-Score
+    comes from the stand-in judge (tests/judge_server.py: word overlap with the reference)."""
     import contextlib
     import io
 
     from aov_dist.demo import run_demo
+    from aov_dist.eval.config import JudgeConfig
+    from judge_server import JudgeServer, word_overlap_score
 
     root = tmp_path_factory.mktemp("demo")
     printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        summary = run_demo("reduced", out_dir=str(root / "out"), data_dir=str(root / "data"))
+    judge = JudgeServer(default=word_overlap_score)
+    try:
+        with contextlib.redirect_stdout(printed):
+            summary = run_demo("reduced", out_dir=str(root / "out"), data_dir=str(root / "data"),
+                               judge=JudgeConfig(base_url=judge.url, model="stand-in", backoff_s=0.0))
+    finally:
+        judge.close()
     return ReducedDemo(summary, printed.getvalue())
 
 

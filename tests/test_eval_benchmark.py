@@ -29,8 +29,9 @@ def test_reads_the_synthetic_benchmark(synth_bench):
     assert len(b.detection) == len(raw) == 12
     assert [d.image for d in b.detection] == [r["image"] for r in raw]
     assert all(d.cls == d.image.split("/")[1] for d in b.detection)
-    assert sum(d.anomaly for d in b.detection) == 6 == len(b.reasoning)
-    item = b.reasoning[0]
+    assert sum(d.anomaly for d in b.detection) == 6 and [r.image for r in b.reasoning] == [d.image for d in b.detection]
+    normal, item = (next(r for r, d in zip(b.reasoning, b.detection) if d.anomaly == a) for a in (False, True))
+    assert [t.kind for t in normal.turns] == [LOW_LEVEL] and normal.turns[0].reference.startswith("No.")
     assert [t.kind for t in item.turns] == [LOW_LEVEL, LOW_LEVEL, COMPLEX, COMPLEX]
     assert "<image>" not in item.turns[0].question and item.turns[0].reference.startswith("Yes.")
     img = load_image(synth_bench, item.image)
@@ -49,6 +50,9 @@ def test_official_script_shape_and_limit(tmp_path):
     assert [t.kind for t in b.reasoning[0].turns] == [LOW_LEVEL, COMPLEX]
     assert b.reasoning[1].turns[0].kind == UNMARKED
     assert len(load_benchmark(root, limit=1).detection) == 1
+    limited = load_benchmark(root, reasoning_limit=1)  # reasoning only: detection keeps both records
+    assert (len(limited.detection), len(limited.reasoning)) == (2, 1)
+    assert (len(load_benchmark(root, limit=1, reasoning_limit=2).reasoning)) == 2
     assert load_benchmark(root, reasoning_file=None).reasoning == []
 
 

@@ -1,50 +1,16 @@
 """The GPT-Score judge against a local OpenAI-compatible server on 127.0.0.1."""
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
 import pytest
 
 from aov_dist.eval.config import JudgeConfig
 from aov_dist.eval.judge import JudgeClient, gpt_scores, parse_score, summarize
-
-
-class _Server:
-    """Replies are scripted per answer text: a list of (status, content) consumed in order."""
-
-    def __init__(self):
-        self.script: dict[str, list[tuple[int, str]]] = {}
-        self.requests: list[dict] = []
-        self.headers: list[dict] = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 - http.server API
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.requests.append(body)
-                outer.headers.append(dict(self.headers))
-                prompt = body["messages"][0]["content"]
-                key = next(k for k in outer.script if f"ANSWER<{k}>" in prompt)
-                status, content = outer.script[key].pop(0)
-                payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]})
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.end_headers()
-                self.wfile.write(payload.encode() if status == 200 else b'{"error": "boom"}')
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+from judge_server import JudgeServer
 
 
 @pytest.fixture
 def server():
-    s = _Server()
+    s = JudgeServer()
     yield s
-    s.httpd.shutdown()
+    s.close()
 
 
 def _cfg(url, **kw):

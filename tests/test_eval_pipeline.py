@@ -44,7 +44,7 @@ def test_plan_is_independent_of_workers_and_covers_everything(bench_dir):
     b = load_benchmark(bench_dir)
     p = plan(b, ["detection", "reasoning"], batch_size=5)
     assert [(t, len(items)) for t, items in p] == [("detection", 5), ("detection", 5), ("detection", 2),
-                                                  ("reasoning", 5), ("reasoning", 1)]
+                                                  ("reasoning", 5), ("reasoning", 5), ("reasoning", 2)]
 
 
 def test_evaluate_in_process_rows_and_metrics(bench_dir):
@@ -55,15 +55,17 @@ def test_evaluate_in_process_rows_and_metrics(bench_dir):
     assert all(r["prompt"] == "<image>\n" + DETECTION_QUESTION for r in det)
     assert [r["predicted_anomaly"] for r in det] == [r["reply"].startswith("Yes") for r in det]
     rea = res.reasoning_rows
-    assert len(rea) == 6 * 4 and [(r["index"], r["turn"]) for r in rea[:4]] == [(0, 0), (0, 1), (0, 2), (0, 3)]
+    # 6 anomalous images with 4 questions, 6 normal ones with 1 (record 0 is normal)
+    assert len(rea) == 6 * 4 + 6 and [(r["index"], r["turn"]) for r in rea[:5]] == [(0, 0), (1, 0), (1, 1), (1, 2),
+                                                                                     (1, 3)]
     # turn t sees 2t+1 messages, and the earlier gpt messages are the model's own replies
-    assert [int(r["reply"].split("h=")[1].split()[0]) for r in rea[:4]] == [1, 3, 5, 7]
-    assert rea[2]["reply"].endswith("prev=" + "|".join(x["reply"][:3] for x in rea[:2]))
+    assert [int(r["reply"].split("h=")[1].split()[0]) for r in rea[1:5]] == [1, 3, 5, 7]
+    assert rea[3]["reply"].endswith("prev=" + "|".join(x["reply"][:3] for x in rea[1:3]))
     m = res.metrics
     assert set(m["detection"]) == {"per_class", "class_mean", "overall"}
     assert m["detection"]["overall"]["n"] == 12 and m["detection"]["overall"]["auroc"] is not None
     assert set(m["reasoning"]) == {"low-level", "complex", "all"}
-    assert m["reasoning"]["low-level"]["n"] == 12 and m["reasoning"]["complex"]["n"] == 12
+    assert m["reasoning"]["low-level"]["n"] == 18 and m["reasoning"]["complex"]["n"] == 12
     assert 0.0 <= m["reasoning"]["all"]["rouge_l"] <= 1.0 and -1.0 <= m["reasoning"]["all"]["sbert"] <= 1.0
     assert "gpt_score" not in m["reasoning"]["all"] and res.notes and "GPT-Score skipped" in res.notes[0]
     assert all(r["judge_status"] == "skipped" for r in rea)
@@ -75,6 +77,8 @@ def test_validate_names_the_key():
         validate(EvalConfig(tasks=["detect"]))
     with pytest.raises(ValueError, match="eval.batch_size=0"):
         validate(EvalConfig(batch_size=0))
+    with pytest.raises(ValueError, match="eval.reasoning_limit=0"):
+        validate(EvalConfig(reasoning_limit=0))
     with pytest.raises(ValueError, match="mode='serve'"):
         validate(EvalConfig(), mode="serve")
 

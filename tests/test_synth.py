@@ -68,14 +68,48 @@ def test_every_defect_changes_pixels_only_inside_its_mask(cls):
     assert not normal.mask.any() and (normal.image == normal.clean).all() and normal.location is None
 
 
-def test_location_phrase_follows_the_mask():
+def test_location_and_shade_follow_the_mask_within_the_object():
+    """The 3x3 cell is taken over the object's bounding box (for a screw, not the image)."""
+    from aov_dist.data.synth_images import LOCATIONS, location_of
+
+    obj = np.zeros((90, 90), bool)
+    obj[30:60, 0:90] = True  # a wide, flat object in the middle band
+    mask = np.zeros_like(obj)
+    mask[31:34, 80:85] = True  # top rows of the object, right end
+    assert location_of(mask, obj) == "upper right"  # the image grid would say "right"
     rng = np.random.default_rng(5)
-    names = {"upper left": (0, 0), "top": (0, 1), "upper right": (0, 2), "left": (1, 0), "center": (1, 1),
-             "right": (1, 2), "lower left": (2, 0), "bottom": (2, 1), "lower right": (2, 2)}
-    for _ in range(20):
-        shot = render_object(rng, "fabric", "hole", 96)[0]
-        ys, xs = np.nonzero(shot.mask)
-        assert names[shot.location] == (int(ys.mean() * 3 / 96), int(xs.mean() * 3 / 96))
+    cells = {name: (r, c) for r, row in enumerate(LOCATIONS) for c, name in enumerate(row)}
+    seen = set()
+    for cls in ("fabric", "screw"):
+        for _ in range(12):
+            shot = render_object(rng, cls, "hole", 96)[0]
+            ys, xs = np.nonzero(shot.mask)
+            seen.add(shot.location)
+            if cls == "fabric":  # a texture fills the frame but a thin border: close to the image grid
+                r, c = cells[shot.location]
+                assert abs(ys.mean() * 3 / 96 - (r + 0.5)) < 0.75 and abs(xs.mean() * 3 / 96 - (c + 0.5)) < 0.75
+            lum = lambda a: (a[shot.mask].astype(float) @ [0.299, 0.587, 0.114]).mean()  # noqa: E731
+            assert shot.shade == ("darker" if lum(shot.image) < lum(shot.clean) else "brighter")
+    assert len(seen) >= 4
+
+
+def test_descriptions_state_the_ground_truth_and_read_back():
+    from aov_dist.data.synth_text import describe, explain_turns, read_description
+
+    rng = np.random.default_rng(2)
+    for cls in CLASSES:
+        for defect in (*DEFECTS, None):
+            shot = render_object(rng, cls, defect, 64)[0]
+            facts = read_description(describe(shot))
+            assert facts == {"anomalous": "yes" if defect else "no", "defect": defect,
+                             "location": shot.location, "cls": cls}
+            turns = explain_turns(rng, shot)
+            assert [k for k, _, _ in turns] == (["low-level", "low-level", "complex", "complex"] if defect
+                                                else ["low-level"])
+            if defect:
+                assert shot.shade in turns[1][2]
+    assert read_description("Yes. There is a stain in the top of the screw and a small hole.")["defect"] is None
+    assert read_description("garbage")== {"anomalous": None, "defect": None, "location": None, "cls": None}
 
 
 def test_labels_masks_and_folders_agree(synthetic_data):
@@ -130,14 +164,17 @@ def test_benchmark_files_and_held_out_images(synthetic_data):
         assert parts[4] == ("Anomaly" if d["anomaly"] else "Normal")
         assert (bench / d["image"]).is_file()
     assert Counter(d["anomaly"] for d in detection) == {True: 10, False: 10}
-    anomalous_ids = {d["id"] for d in detection if d["anomaly"]}
-    assert {r["id"] for r in reasoning} == anomalous_ids
-    for r in reasoning:
+    # every held-out image has reasoning questions: four about a defect, one for a normal image
+    assert [r["id"] for r in reasoning] == [d["id"] for d in detection]
+    for r, d in zip(reasoning, detection):
         humans = [t for t in r["conversations"][0::2]]
         assert all(t["from"] == "human" and t["type"] in ("low-level", "complex") for t in humans)
-        assert {t["type"] for t in humans} == {"low-level", "complex"}
+        assert [t["type"] for t in humans] == (["low-level", "low-level", "complex", "complex"] if d["anomaly"]
+                                               else ["low-level"])
         assert all(t["from"] == "gpt" and t["value"] for t in r["conversations"][1::2])
         assert humans[0]["value"].startswith("<image>\n")
+        assert (r["defect"] is not None) == d["anomaly"] == (r["location"] is not None)
+        assert r["conversations"][1]["value"].startswith("Yes. " if d["anomaly"] else "No. ")
     train_hashes = {hashlib.sha256(p.read_bytes()).hexdigest() for p in synthetic_data.image_root.rglob("*.png")}
     bench_hashes = {hashlib.sha256(p.read_bytes()).hexdigest() for p in (bench / "VisA").rglob("Images/*/*.png")}
     assert bench_hashes and not (train_hashes & bench_hashes)
@@ -168,5 +205,11 @@ def test_shape_weights_pick_the_conversation_shapes(tmp_path):
     assert {len(r["conversations"]) for r in records} == {2}
     assert {r["conversations"][1]["value"] for r in records} == {"Yes", "No"}
     assert json.loads((tmp_path / "meta.json").read_text())["shape_weights"] == [1.0, 0.0, 0.0]
+    res = generate(SynthConfig(out=str(tmp_path / "explain"), num_train=24, num_bench=0, image_size=48,
+                               multiview_fraction=0.0, shape_weights=(0.0, 1.0, 0.0)))
+    records = json.loads(Path(res.train_json).read_text())
+    assert {len(r["conversations"]) for r in records} == {2, 8}  # normal: what-and-where; defect: 4 turns
+    assert all(r["conversations"][1]["value"].startswith("Yes. " if r["label"] == "anomalous" else "No. ")
+               for r in records)
     with pytest.raises(ValueError, match="shape_weights"):
         SynthConfig(out=str(tmp_path), shape_weights=(0.5, 0.2, 0.2)).check()

@@ -25,9 +25,13 @@ Benchmark (held-out images from a different seed stream, single view):
 * detection.json: ``[{"id", "image": "VisA/<class>/Data/Images/Anomaly/007.png", "anomaly": bool}]``
   (the class is the second path component; the question is the paper's detection prompt,
   ``synth_text.DETECTION_PROMPT``);
-* reasoning.json: the anomalous images only, ``[{"id", "image", "class", "defect",
+* reasoning.json: every image, ``[{"id", "image", "class", "defect", "location", "shade",
   "conversations": [{"from": "human", "value", "type": "low-level" | "complex"},
   {"from": "gpt", "value": <reference answer>}, ...]}]``; the first human turn carries ``<image>``.
+  An anomalous image gets four questions (what and where, its look, cause, remedy), a normal one
+  the first only, answered "No. ... looks normal" (``defect``, ``location``, ``shade`` are null):
+  a model that describes a defect on every image does not score well. The ground-truth keys let
+  ``synth_text.read_description`` check generated answers fact by fact.
 
 Classes are balanced (round-robin) and normal:anomalous is 1:1 within every class. Each image has
 its own random stream ``default_rng([seed, stream, index])`` (stream 0 train, 1 benchmark), so the
@@ -63,7 +67,7 @@ class SynthConfig:
     multiview_fraction: float = 0.1
     explicit_label_fraction: float = 1.0
     classes: tuple[str, ...] = CLASSES
-    # conversation shapes (detect, detect_explain, describe_first); see synth_text
+    # conversation shapes (detect, explain, describe_first); see synth_text
     shape_weights: tuple[float, float, float] = SHAPE_WEIGHTS
 
     def check(self) -> None:
@@ -138,8 +142,7 @@ def generate_train(cfg: SynthConfig) -> tuple[list[dict], int]:
                        png_bytes(shot.mask.astype(np.uint8) * 255))
         n_images += views
         record = {"id": f"syn_{cfg.seed}_{i:06d}", "image": paths[0] if views == 1 else paths,
-                  "conversations": instruct_conversation(rng, cls, defect, shots[0].location, views,
-                                                          tuple(cfg.shape_weights))}
+                  "conversations": instruct_conversation(rng, shots[0], views, tuple(cfg.shape_weights))}
         if rng.random() < cfg.explicit_label_fraction:
             record["label"] = "anomalous" if defect else "normal"
         records.append(record)
@@ -164,8 +167,9 @@ def generate_benchmark(cfg: SynthConfig) -> tuple[list[dict], list[dict]]:
         if defect:
             _write(os.path.join(root, f"VisA/{cls}/Data/Masks/Anomaly/{n:03d}.png"),
                    png_bytes(shot.mask.astype(np.uint8) * 255))
-            reasoning.append({"id": sample_id, "image": rel, "class": cls, "defect": defect,
-                              "conversations": reasoning_conversation(rng, cls, defect, shot.location)})
+        reasoning.append({"id": sample_id, "image": rel, "class": cls, "defect": defect,
+                          "location": shot.location, "shade": shot.shade,
+                          "conversations": reasoning_conversation(rng, shot)})
     return detection, reasoning
 
 

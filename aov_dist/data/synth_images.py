@@ -23,8 +23,9 @@ import numpy as np
 CLASSES = ("screw", "bottle", "pcb", "tile", "fabric", "metal_plate")
 DEFECTS = ("scratch", "hole", "crack", "stain", "missing_part", "color_change")
 
-# Rows/columns of a 3x3 grid, named for "a scratch in the upper left".
-_LOCATIONS = (("upper left", "top", "upper right"), ("left", "center", "right"),
+# Rows/columns of a 3x3 grid laid over the object's bounding box, named for "a scratch in the
+# upper left of the screw".
+LOCATIONS = (("upper left", "top", "upper right"), ("left", "center", "right"),
               ("lower left", "bottom", "lower right"))
 
 
@@ -35,7 +36,8 @@ class SynthImage:
     mask: np.ndarray  # bool [S, S]: True on defect pixels (all False for a normal image)
     cls: str
     defect: Optional[str]
-    location: Optional[str]  # e.g. "upper left"; None for a normal image
+    location: Optional[str]  # e.g. "upper left" (of the object); None for a normal image
+    shade: Optional[str]  # "darker" / "brighter" than the clean surface under it; None when normal
 
 
 @dataclass
@@ -286,10 +288,19 @@ def _paint(kind, canvas: Canvas, mask: np.ndarray, rng) -> np.ndarray:
     return img
 
 
-def _location(mask: np.ndarray) -> str:
+def location_of(mask: np.ndarray, obj: np.ndarray) -> str:
+    """Cell of the defect's centre in a 3x3 grid over the object's bounding box (as the image shows
+    it: rows top to bottom, columns left to right)."""
     ys, xs = np.nonzero(mask)
-    n = mask.shape[0]
-    return _LOCATIONS[min(2, int(ys.mean() * 3 / n))][min(2, int(xs.mean() * 3 / n))]
+    oy, ox = np.nonzero(obj)
+    row = (ys.mean() - oy.min()) / max(1, oy.max() + 1 - oy.min())
+    col = (xs.mean() - ox.min()) / max(1, ox.max() + 1 - ox.min())
+    return LOCATIONS[min(2, int(row * 3))][min(2, int(col * 3))]
+
+
+def shade_of(image: np.ndarray, clean: np.ndarray, mask: np.ndarray) -> str:
+    return "darker" if _lum(image[mask].astype(np.float32)).mean() < _lum(clean[mask].astype(np.float32)).mean() \
+        else "brighter"
 
 
 def _to_uint8(img: np.ndarray) -> np.ndarray:
@@ -321,7 +332,7 @@ def render_object(rng: np.random.Generator, cls: str, defect: Optional[str], siz
         canvas.img = np.clip(canvas.img + noise, 0, 1)
         clean = _to_uint8(canvas.img)
         if defect is None:
-            out.append(SynthImage(clean, clean, np.zeros((size, size), bool), cls, None, None))
+            out.append(SynthImage(clean, clean, np.zeros((size, size), bool), cls, None, None, None))
             continue
         out.append(_plant(rng, canvas, clean, cls, defect, size))
     return out
@@ -343,5 +354,6 @@ def _plant(rng, canvas: Canvas, clean: np.ndarray, cls: str, defect: str, size: 
         mask &= changed.any(axis=-1)  # a mask pixel the paint left unchanged is not a defect pixel
         if mask.sum() >= min_area:
             image = np.where(mask[..., None], image, clean)
-            return SynthImage(image, clean, mask, cls, defect, _location(mask))
+            return SynthImage(image, clean, mask, cls, defect, location_of(mask, canvas.obj),
+                              shade_of(image, clean, mask))
     raise RuntimeError(f"could not place a visible {defect} on {cls} at {size} px")

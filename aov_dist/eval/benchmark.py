@@ -228,15 +228,17 @@ def parse_reasoning(rec: Any, index: int, url: str) -> ReasoningItem:
 
 def load_benchmark(root: str, detection_file: Optional[str] = "detection.json",
                    reasoning_file: Optional[str] = "reasoning.json",
-                   limit: Optional[int] = None) -> Benchmark:
-    """Read the benchmark folder ``root``; a file name of None skips that part."""
+                   limit: Optional[int] = None, reasoning_limit: Optional[int] = None) -> Benchmark:
+    """Read the benchmark folder ``root``; a file name of None skips that part. ``limit`` keeps the
+    first records of each file, ``reasoning_limit`` (when set) those of the reasoning file."""
     bench = Benchmark(root=root)
-    for part, name, parse in (("detection", detection_file, parse_detection),
-                              ("reasoning", reasoning_file, parse_reasoning)):
+    for part, name, parse, keep in (("detection", detection_file, parse_detection, limit),
+                                    ("reasoning", reasoning_file, parse_reasoning,
+                                     limit if reasoning_limit is None else reasoning_limit)):
         if not name:
             continue
         url = join(root, name)
-        items = [parse(r, i, url) for i, r in enumerate(_load_records(url)[:limit])]
+        items = [parse(r, i, url) for i, r in enumerate(_load_records(url)[:keep])]
         if not items:
             raise BenchmarkError(f"{url}: no records")
         setattr(bench, part, items)

@@ -38,6 +38,9 @@ class EvalConfig:
     tasks: list[str] = field(default_factory=lambda: ["detection", "reasoning"])
     # Evaluate only the first N records of each file (smoke runs); None = all.
     limit: Optional[int] = None
+    # Reasoning records to score (the first N), when fewer than ``limit``: multi-turn generation
+    # costs far more per image than one detection answer. None = as ``limit``.
+    reasoning_limit: Optional[int] = None
     # path (a step folder holding hf/, or an HF folder), s3://..., runs:/<run_id>/<path>,
     # or models:/<name>/<version>; None = latest committed checkpoint under checkpoint_root
     checkpoint: Optional[str] = None
@@ -102,8 +105,9 @@ def validate(cfg: EvalConfig, mode: str = "run") -> None:
     for key in ("map_anomalous", "map_normal"):
         if int(getattr(cfg, key)) < 0:
             raise ValueError(f"eval.{key}={getattr(cfg, key)!r}: must be >= 0")
-    if cfg.limit is not None and cfg.limit < 1:
-        raise ValueError(f"eval.limit={cfg.limit!r}: must be >= 1 or null")
+    for key in ("limit", "reasoning_limit"):
+        if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
+            raise ValueError(f"eval.{key}={getattr(cfg, key)!r}: must be >= 1 or null")
     if cfg.judge.max_retries < 0 or cfg.judge.concurrency < 1:
         raise ValueError("eval.judge.max_retries must be >= 0 and eval.judge.concurrency >= 1")
 

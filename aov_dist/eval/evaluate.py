@@ -122,7 +122,8 @@ def evaluate(cfg: EvalConfig, checkpoint: str, cluster: Optional[ClusterConfig] 
     cluster = cluster or ClusterConfig()
     bench = load_benchmark(cfg.benchmark,
                            cfg.detection_file if "detection" in cfg.tasks else None,
-                           cfg.reasoning_file if "reasoning" in cfg.tasks else None, cfg.limit)
+                           cfg.reasoning_file if "reasoning" in cfg.tasks else None, cfg.limit,
+                           cfg.reasoning_limit)
     factory = backend_factory or anomaly_ov_factory(checkpoint, cfg.max_new_tokens, cluster.use_gpu,
                                                     tracking_uri)
     with_maps = cfg.plots if with_maps is None else with_maps
