@@ -345,6 +345,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     from aov_dist.eval.config import JudgeConfig
 
     judge = JudgeConfig(base_url=args.judge_url, model=args.judge_model) if args.judge_url else None
+    if judge is None:  # the summary says once how to add a judge, instead of a warning per evaluation
+        logging.getLogger("aov_dist.eval.judge").setLevel(logging.ERROR)
     run_demo(args.size, args.out, args.data, args.tracking_uri, judge=judge, seed=args.seed)
 
 
