@@ -127,14 +127,13 @@ def described_facts(rows: list[dict], records: list[dict]) -> dict[str, float]:
 def evaluate_with_facts(eval_cfg, checkpoint: str, cluster, **kw):
     """``evaluate`` plus the metrics group ``facts`` (described_facts) when reasoning was scored;
     the watcher logs them with the rest (eval/facts/...)."""
-    import json
-
+    from aov_dist.eval.benchmark import join, load_records
     from aov_dist.eval.evaluate import evaluate
 
     result = evaluate(eval_cfg, checkpoint, cluster, **kw)
     if result.reasoning_rows:
-        with open(os.path.join(eval_cfg.benchmark, eval_cfg.reasoning_file)) as f:
-            result.metrics["facts"] = described_facts(result.reasoning_rows, json.load(f))
+        records = load_records(join(eval_cfg.benchmark, eval_cfg.reasoning_file))
+        result.metrics["facts"] = described_facts(result.reasoning_rows, records)
     return result
 
 
@@ -261,8 +260,7 @@ PLACE_NAMED = "eval/facts/place"
 # (column, metric, digits) of the summary table; GPT-Score only when a judge scored the answers
 SUMMARY_COLUMNS = (("detection acc", DET_ACC, 3), ("expert AUROC", AUROC, 3), ("ROUGE-L", ROUGE_L, 3),
                    ("SBERT", SBERT, 3), ("GPT-Score", GPT_SCORE, 2), ("object named", OBJECT_NAMED, 2),
-                   ("defect named", DEFECT_NAMED, 2),
-                   ("place named", PLACE_NAMED, 2))
+                   ("defect named", DEFECT_NAMED, 2), ("place named", PLACE_NAMED, 2))
 
 
 def summary_rows(s: DemoSummary) -> tuple[list[str], list[list[str]]]:
@@ -324,7 +322,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--judge-url", default=None,
                    help="OpenAI-compatible endpoint (.../v1) of an LLM judge for GPT-Score; its API key is read "
                         "from $AOV_JUDGE_API_KEY")
-    p.add_argument("--judge-model", default="gpt-4o")
+    p.add_argument("--judge-model", default=None, help="the judge's model (default: eval.judge.model)")
     p.add_argument("--seed", type=int, default=None,
                    help="every seed of the run (data, init, order, training); use another --data folder")
     args = p.parse_args(argv)
@@ -344,7 +342,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\.")
     from aov_dist.eval.config import JudgeConfig
 
-    judge = JudgeConfig(base_url=args.judge_url, model=args.judge_model) if args.judge_url else None
+    judge = None
+    if args.judge_url:
+        judge = JudgeConfig(base_url=args.judge_url, **({"model": args.judge_model} if args.judge_model else {}))
     if judge is None:  # the summary says once how to add a judge, instead of a warning per evaluation
         logging.getLogger("aov_dist.eval.judge").setLevel(logging.ERROR)
     run_demo(args.size, args.out, args.data, args.tracking_uri, judge=judge, seed=args.seed)

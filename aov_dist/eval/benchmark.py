@@ -103,7 +103,8 @@ def load_image(root: str, rel: str, max_side: int = 1024) -> Image.Image:
     return img
 
 
-def _load_records(url: str) -> list[Any]:
+def load_records(url: str) -> list[Any]:
+    """The records of a benchmark file (.json array or .jsonl), local or remote."""
     try:
         text = read_bytes(url).decode("utf-8")
     except FileNotFoundError as e:
@@ -238,7 +239,7 @@ def load_benchmark(root: str, detection_file: Optional[str] = "detection.json",
         if not name:
             continue
         url = join(root, name)
-        items = [parse(r, i, url) for i, r in enumerate(_load_records(url)[:keep])]
+        items = [parse(r, i, url) for i, r in enumerate(load_records(url)[:keep])]
         if not items:
             raise BenchmarkError(f"{url}: no records")
         setattr(bench, part, items)
