@@ -109,7 +109,7 @@ def test_descriptions_state_the_ground_truth_and_read_back():
             if defect:
                 assert shot.shade in turns[1][2]
     assert read_description("Yes. There is a stain in the top of the screw and a small hole.")["defect"] is None
-    assert read_description("garbage")== {"anomalous": None, "defect": None, "location": None, "cls": None}
+    assert read_description("garbage") == {"anomalous": None, "defect": None, "location": None, "cls": None}
 
 
 def test_labels_masks_and_folders_agree(synthetic_data):
